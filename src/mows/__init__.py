@@ -1,0 +1,41 @@
+"""mows: a model-weight service that caches LLM weights in node memory and shares them."""
+
+from __future__ import annotations
+
+from ._crc import crc32, crc32_combine
+from ._errors import (
+    AccessDeniedError,
+    CapacityError,
+    ConfigError,
+    Crc32FileError,
+    DaemonError,
+    DaemonUnavailableError,
+    HeaderError,
+    IntegrityError,
+    ManifestError,
+    MowsError,
+    ProtocolError,
+    SourceError,
+    SourceNotFoundError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDeniedError",
+    "CapacityError",
+    "ConfigError",
+    "Crc32FileError",
+    "DaemonError",
+    "DaemonUnavailableError",
+    "HeaderError",
+    "IntegrityError",
+    "ManifestError",
+    "MowsError",
+    "ProtocolError",
+    "SourceError",
+    "SourceNotFoundError",
+    "__version__",
+    "crc32",
+    "crc32_combine",
+]

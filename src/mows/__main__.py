@@ -1,0 +1,3 @@
+from mows.cli import main
+
+main()

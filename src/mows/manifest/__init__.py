@@ -1,0 +1,44 @@
+"""Model manifests: file lists, chunk plans, crc32.txt and safetensors headers (pure code)."""
+
+from __future__ import annotations
+
+from ._crcfile import MAX_CRC32_FILE_BYTES, check_relative_path, format_crc32, parse_crc32
+from ._model import (
+    DEFAULT_CHUNK_SIZE,
+    Chunk,
+    FileEntry,
+    FileStat,
+    Manifest,
+    ManifestSource,
+    build_manifest,
+    chunk_plan,
+)
+from ._safetensors import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    SafetensorsIndex,
+    TensorInfo,
+    parse_safetensors_header,
+    read_safetensors_index,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DTYPE_SIZES",
+    "MAX_CRC32_FILE_BYTES",
+    "MAX_HEADER_BYTES",
+    "Chunk",
+    "FileEntry",
+    "FileStat",
+    "Manifest",
+    "ManifestSource",
+    "SafetensorsIndex",
+    "TensorInfo",
+    "build_manifest",
+    "check_relative_path",
+    "chunk_plan",
+    "format_crc32",
+    "parse_crc32",
+    "parse_safetensors_header",
+    "read_safetensors_index",
+]

@@ -1,0 +1,149 @@
+"""A model's manifest: its files, their chunk plan, expected CRCs and tensor indexes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from .._errors import Crc32FileError
+from ._crcfile import check_relative_path, parse_crc32
+from ._safetensors import SafetensorsIndex, read_safetensors_index
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "Chunk",
+    "FileEntry",
+    "FileStat",
+    "Manifest",
+    "ManifestSource",
+    "build_manifest",
+    "chunk_plan",
+]
+
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+
+
+class FileStat(msgspec.Struct, frozen=True):
+    """A regular file of a model: ``path`` is relative, POSIX-style."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """A fixed byte range of one file, the unit of fetching and checking."""
+
+    path: str
+    index: int
+    offset: int
+    length: int
+
+
+class FileEntry(msgspec.Struct, frozen=True):
+    path: str
+    size: int
+    mtime_ns: int
+    crc32: int | None = None  # from the crc32 file, when it lists this file
+    safetensors: SafetensorsIndex | None = None
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """Everything needed to fetch, check and index a model; sent as-is to clients."""
+
+    source: str
+    chunk_size: int
+    files: tuple[FileEntry, ...]
+    crc32_file: str | None = None  # relative path of the crc32 file used, if any
+    unlisted: tuple[str, ...] = ()  # files the crc32 file does not list
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+    def chunks(self, path: str) -> list[Chunk]:
+        return chunk_plan(self.file(path), self.chunk_size)
+
+
+def chunk_plan(entry: FileStat | FileEntry, chunk_size: int) -> list[Chunk]:
+    """Fixed-size byte ranges covering the file; the last may be shorter; none if empty."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    return [
+        Chunk(entry.path, i, off, min(chunk_size, entry.size - off))
+        for i, off in enumerate(range(0, entry.size, chunk_size))
+    ]
+
+
+class ManifestSource(Protocol):
+    """What building a manifest needs from origin storage (see ``mows.sources.Source``)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def list_files(self) -> list[FileStat]: ...
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes: ...
+
+
+def build_manifest(
+    source: ManifestSource,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    crc32_file: str | None = "crc32.txt",
+    require_crc32_file: bool = False,
+    index_tensors: bool = True,
+) -> Manifest:
+    """Describe the model at ``source``.
+
+    ``crc32_file`` is relative to the model root; a missing file is fine unless
+    ``require_crc32_file``. Entries naming files that do not exist are an error.
+    """
+    stats = sorted(source.list_files(), key=lambda s: s.path)
+    crcs: dict[str, int] = {}
+    crc_rel: str | None = None
+    if crc32_file:
+        crc_rel = check_relative_path(crc32_file, crc32_file)
+        crc_stat = next((s for s in stats if s.path == crc_rel), None)
+        if crc_stat is None:
+            if require_crc32_file:
+                raise Crc32FileError(f"{source.url}/{crc_rel}", "crc32 file not found")
+            crc_rel = None
+        else:
+            where = f"{source.url}/{crc_rel}"
+            if crc_stat.size > 16 * 1024 * 1024:
+                raise Crc32FileError(where, f"file of {crc_stat.size} bytes is too large")
+            crcs = parse_crc32(source.read_range(crc_rel, 0, crc_stat.size), where)
+            present = {s.path for s in stats}
+            missing = sorted(set(crcs) - present)
+            if missing:
+                raise Crc32FileError(
+                    where,
+                    "lists files that do not exist (or lie outside the model directory): "
+                    + ", ".join(missing[:10])
+                    + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""),
+                )
+    files = []
+    for s in stats:
+        if s.path == crc_rel:
+            continue
+        index = None
+        if index_tensors and s.path.endswith(".safetensors"):
+            index = _index(source, s)
+        files.append(FileEntry(s.path, s.size, s.mtime_ns, crcs.get(s.path), index))
+    unlisted = tuple(f.path for f in files if f.crc32 is None) if crc_rel else ()
+    return Manifest(source.url, chunk_size, tuple(files), crc_rel, unlisted)
+
+
+def _index(source: ManifestSource, stat: FileStat) -> SafetensorsIndex:
+    def read(offset: int, length: int) -> bytes:
+        return source.read_range(stat.path, offset, length)
+
+    return read_safetensors_index(read, stat.size, f"{source.url}/{stat.path}")

@@ -1,0 +1,178 @@
+"""HTTP(S) range reads: object stores exposed over HTTP, and the benchmark's remote storage.
+
+HTTP has no directory listing, so a model's files are the ones its crc32.txt names (each
+stat'd with HEAD), or, failing that, a JSON directory index (nginx ``autoindex_format json``).
+Connections are pooled and kept alive; transient failures are retried with backoff, resuming
+a range where it broke off.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import time
+from urllib.parse import quote
+
+import urllib3
+from urllib3.exceptions import HTTPError
+
+from .._errors import SourceError, SourceNotFoundError
+from ..manifest import FileStat, check_relative_path, parse_crc32
+from ._base import Source
+
+__all__ = ["HttpSource"]
+
+log = logging.getLogger("mows.sources")
+
+_TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class HttpSource(Source):
+    def __init__(
+        self,
+        location: str,
+        *,
+        connections: int = 8,
+        retries: int = 5,
+        backoff: float = 0.2,
+        timeout: float = 30.0,
+        crc32_file: str = "crc32.txt",
+    ) -> None:
+        self.url = location.rstrip("/")
+        self._retries = retries
+        self._backoff = backoff
+        self._crc32_file = crc32_file
+        self._pool = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=connections,
+            block=True,
+            retries=False,  # retried here, so a broken body resumes instead of restarting
+            timeout=urllib3.Timeout(connect=10.0, read=timeout),
+        )
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    def _file_url(self, path: str) -> str:
+        rel = check_relative_path(path, self.url)
+        return f"{self.url}/{quote(rel, safe='/')}"
+
+    def _request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, stream: bool = False
+    ) -> urllib3.BaseHTTPResponse:
+        url = self._file_url(path) if path else self.url + "/"
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            try:
+                resp = self._pool.request(
+                    method, url, headers=headers, preload_content=not stream, redirect=True
+                )
+            except HTTPError as e:
+                err = f"{type(e).__name__}: {e}"
+            else:
+                if resp.status not in _TRANSIENT:
+                    return resp
+                err = f"HTTP {resp.status}"
+                resp.drain_conn()
+                resp.release_conn()
+            if attempt == self._retries:
+                raise SourceError(self.url, path, f"{err} after {attempt + 1} attempts")
+            log.debug("%s %s: %s, retrying in %.2fs", method, url, err, delay)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check(self, resp: urllib3.BaseHTTPResponse, path: str, ok: tuple[int, ...]) -> None:
+        if resp.status in ok:
+            return
+        resp.drain_conn()
+        resp.release_conn()
+        if resp.status in (404, 410):
+            raise SourceNotFoundError(self.url, path, f"HTTP {resp.status}")
+        raise SourceError(self.url, path, f"HTTP {resp.status}")
+
+    def stat(self, path: str) -> FileStat:
+        resp = self._request("HEAD", path)
+        self._check(resp, path, (200,))
+        length = resp.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise SourceError(self.url, path, "response has no valid Content-Length")
+        mtime_ns = 0
+        modified = resp.headers.get("Last-Modified")
+        if modified:
+            try:
+                mtime_ns = int(email.utils.parsedate_to_datetime(modified).timestamp()) * 10**9
+            except (TypeError, ValueError):
+                mtime_ns = 0
+        return FileStat(path, int(length), mtime_ns)
+
+    def list_files(self) -> list[FileStat]:
+        try:
+            crc = self.stat(self._crc32_file)
+        except SourceNotFoundError:
+            return self._list_index("")
+        names = parse_crc32(self.read_range(crc.path, 0, crc.size), f"{self.url}/{crc.path}")
+        return [crc, *(self.stat(name) for name in sorted(names))]
+
+    def _list_index(self, prefix: str) -> list[FileStat]:
+        resp = self._request("GET", prefix.rstrip("/"))
+        if resp.status != 200:
+            raise SourceError(
+                self.url,
+                prefix,
+                f"HTTP {resp.status}: no crc32.txt and no JSON directory index to list files",
+            )
+        try:
+            entries = json.loads(resp.data)
+            assert isinstance(entries, list)
+        except (ValueError, AssertionError):
+            raise SourceError(
+                self.url, prefix, "no crc32.txt and the directory index is not JSON"
+            ) from None
+        out: list[FileStat] = []
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise SourceError(self.url, prefix, "malformed directory index entry")
+            rel = prefix + e["name"]
+            if e.get("type") == "directory":
+                out.extend(self._list_index(rel + "/"))
+            elif e.get("type") == "file":
+                out.append(self.stat(rel))
+        return out
+
+    def read_into(self, path: str, offset: int, buf: memoryview) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        done, attempts = 0, 0
+        while done < len(view):
+            start = offset + done
+            end = offset + len(view) - 1
+            resp = self._request("GET", path, {"Range": f"bytes={start}-{end}"}, stream=True)
+            if resp.status == 416:
+                resp.release_conn()
+                raise SourceError(
+                    self.url,
+                    path,
+                    f"short read: {done} of {len(view)} bytes at offset {offset} (HTTP 416)",
+                )
+            self._check(resp, path, (206,))
+            got = 0
+            try:
+                while done < len(view):
+                    n = resp.readinto(view[done:])
+                    if not n:
+                        break
+                    done += n
+                    got += n
+            except HTTPError as e:
+                attempts += 1
+                if attempts > self._retries:
+                    raise SourceError(self.url, path, f"body broken: {e}") from None
+                log.debug("resuming %s at %d after %s", path, offset + done, e)
+                continue
+            finally:
+                resp.release_conn()
+            if done < len(view) and got == 0:
+                raise SourceError(
+                    self.url, path, f"short read: {done} of {len(view)} bytes at offset {offset}"
+                )

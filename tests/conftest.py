@@ -1,0 +1,123 @@
+"""Shared fixtures: real models written by transformers, real servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_tiny_qwen2(path: Path, *, hidden: int = 64, layers: int = 2, shard: str = "100KB") -> Path:
+    """A random tiny Qwen2 saved by transformers in several safetensors shards, offline."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture
+def model_copy(tiny_qwen2: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny model that a test may modify."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, dst)
+    return dst
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
+    if path is None:
+        pytest.skip(f"{name} is not installed (make test installs it when run as root)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nginx_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real nginx on loopback serving a directory (with JSON autoindex); yields (url, root)."""
+    nginx = require_tool("nginx")
+    base = tmp_path_factory.mktemp("nginx")
+    root = base / "www"
+    root.mkdir()
+    port = free_port()
+    conf = base / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+{"user root root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {base}/body;
+    proxy_temp_path {base}/proxy;
+    fastcgi_temp_path {base}/fastcgi;
+    uwsgi_temp_path {base}/uwsgi;
+    scgi_temp_path {base}/scgi;
+    types {{ }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ autoindex on; autoindex_format json; }}
+    }}
+}}
+"""
+    )
+    log = open(base / "stderr.log", "wb")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(base)], stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.close()
+                raise RuntimeError(
+                    f"nginx did not start: {(base / 'stderr.log').read_text()}"
+                ) from None
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
