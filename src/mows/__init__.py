@@ -18,6 +18,14 @@ from ._errors import (
     SourceError,
     SourceNotFoundError,
 )
+from .client import (
+    DaemonFallbackWarning,
+    ModelHandle,
+    TensorSlice,
+    iter_weights,
+    load_state_dict,
+    open_model,
+)
 
 __version__ = "0.1.0"
 
@@ -27,15 +35,21 @@ __all__ = [
     "ConfigError",
     "Crc32FileError",
     "DaemonError",
+    "DaemonFallbackWarning",
     "DaemonUnavailableError",
     "HeaderError",
     "IntegrityError",
     "ManifestError",
+    "ModelHandle",
     "MowsError",
     "ProtocolError",
     "SourceError",
     "SourceNotFoundError",
+    "TensorSlice",
     "__version__",
     "crc32",
     "crc32_combine",
+    "iter_weights",
+    "load_state_dict",
+    "open_model",
 ]

@@ -1,0 +1,208 @@
+"""Daemon configuration: frozen, validated, read in one place.
+
+Precedence: command-line flags > ``MOWS_*`` environment variables > TOML file > defaults.
+Library code never reads the environment; ``load_daemon_config`` is the one function that does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = [
+    "DEFAULT_POOL_DIR",
+    "DEFAULT_SOCKET",
+    "DaemonConfig",
+    "default_socket",
+    "load_daemon_config",
+    "parse_size",
+]
+
+DEFAULT_SOCKET = "/run/mows/mows.sock"
+DEFAULT_POOL_DIR = "/dev/shm/mows"
+
+_UNITS = {
+    "": 2**30,  # a bare number is GB, as on the product page (binary: GiB)
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: str | int | float, key: str = "size") -> int:
+    """``"200"`` / ``200`` = 200 GiB; ``"512MiB"``, ``"1.5G"``, ``"4096b"`` as written."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    text = str(value) if isinstance(value, int | float) else value.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{key}: cannot parse size {value!r} (examples: 200, 1.5GiB, 512MiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    return size
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    """The socket clients use when none is given: ``MOWS_SOCKET``, then the default."""
+    env = os.environ if env is None else env
+    return env.get("MOWS_SOCKET") or DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    max_memory: int
+    model_paths: tuple[str, ...] = ()
+    allow_roots: tuple[str, ...] = ()
+    crc32_file: str = "crc32.txt"
+    nic: str = "tcp"
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    pool_dir: str = DEFAULT_POOL_DIR
+    chunk_size: int = 64 * 2**20
+    workers: int = 4
+    sources: dict[str, Any] = field(default_factory=dict)  # options passed to open_source
+
+    def __post_init__(self) -> None:
+        if self.max_memory <= 0:
+            raise ConfigError("max_memory: must be positive")
+        if self.nic not in ("tcp", "ucx"):
+            raise ConfigError(f"nic: must be 'tcp' or 'ucx', got {self.nic!r}")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if self.chunk_size < page or self.chunk_size % page:
+            raise ConfigError(f"chunk_size: must be a positive multiple of {page} bytes")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("workers: must be between 1 and 256")
+        if not self.socket:
+            raise ConfigError("socket: must not be empty")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("socket_mode: must be an octal file mode such as 0o660")
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """Where clients may ask the daemon to read: the model paths and the allowed roots."""
+        return self.model_paths + self.allow_roots
+
+
+# TOML key / env suffix -> (field, converter)
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "max_memory": ("max_memory", lambda v, k: parse_size(v, k)),
+    "model_path": ("model_paths", lambda v, k: _str_list(v, k)),
+    "model_paths": ("model_paths", lambda v, k: _str_list(v, k)),
+    "allow_root": ("allow_roots", lambda v, k: _str_list(v, k)),
+    "allow_roots": ("allow_roots", lambda v, k: _str_list(v, k)),
+    "crc32_file": ("crc32_file", lambda v, k: _str(v, k)),
+    "nic": ("nic", lambda v, k: _str(v, k)),
+    "socket": ("socket", lambda v, k: _str(v, k)),
+    "socket_mode": ("socket_mode", lambda v, k: _mode(v, k)),
+    "pool_dir": ("pool_dir", lambda v, k: _str(v, k)),
+    "chunk_size": ("chunk_size", lambda v, k: parse_size(v if not _bare(v) else f"{v}MiB", k)),
+    "workers": ("workers", lambda v, k: _int(v, k)),
+}
+
+
+def _bare(v: object) -> bool:
+    return isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())
+
+
+def _str(v: object, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {v!r}")
+    return v
+
+
+def _str_list(v: object, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return tuple(p for p in v.split(",") if p)
+    if isinstance(v, list | tuple) and all(isinstance(p, str) for p in v):
+        return tuple(v)
+    raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+
+
+def _int(v: object, key: str) -> int:
+    try:
+        return int(str(v), 10)
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {v!r}") from None
+
+
+def _mode(v: object, key: str) -> int:
+    try:
+        return v if isinstance(v, int) else int(str(v), 8)
+    except ValueError:
+        raise ConfigError(f"{key}: expected an octal mode such as 660, got {v!r}") from None
+
+
+def load_daemon_config(
+    flags: Mapping[str, object],
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Merge ``flags`` (TOML-style keys; None = not given) over env, the TOML file, defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+
+    def apply(key: str, raw: object, where: str) -> None:
+        spec = _FIELDS.get(key)
+        if spec is None:
+            raise ConfigError(
+                f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_FIELDS))})"
+            )
+        name, conv = spec
+        values[name] = conv(raw, f"{where} {key}".strip())
+
+    path = config_file or env.get("MOWS_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        section = doc.pop("daemon", doc)
+        sources = section.pop("sources", None)
+        for key, raw in section.items():
+            apply(key, raw, path)
+        if sources is not None:
+            if not isinstance(sources, dict):
+                raise ConfigError(f"{path}: [sources] must be a table")
+            values["sources"] = dict(sources)
+    for key in _FIELDS:
+        raw = env.get(f"MOWS_{key.upper()}")
+        if raw is not None and raw != "":
+            apply(key, raw, f"MOWS_{key.upper()}")
+    for key, raw in flags.items():
+        if raw is None or raw == ():
+            continue
+        apply(key, raw, "--" + key.replace("_", "-"))
+    if "max_memory" not in values:
+        raise ConfigError(
+            "max_memory: required (--max-memory GB, MOWS_MAX_MEMORY or the config file)"
+        )
+    try:
+        return DaemonConfig(**values)
+    except TypeError as e:  # pragma: no cover - guarded by _FIELDS
+        raise ConfigError(str(e)) from None
+
+
+def replace(config: DaemonConfig, **changes: Any) -> DaemonConfig:
+    return dataclasses.replace(config, **changes)

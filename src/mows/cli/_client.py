@@ -1,0 +1,115 @@
+"""Client commands: ``mows load`` and ``mows status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+socket_option = click.option(
+    "--socket", default=None, help="The daemon's socket [MOWS_SOCKET or /run/mows/mows.sock]."
+)
+
+
+@click.command()
+@click.argument("path")
+@socket_option
+@click.option("--crc32-file", default=None, help="crc32 file relative to PATH [daemon's default].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def load(
+    path: str, socket: str | None, crc32_file: str | None, as_json: bool, no_progress: bool
+) -> None:
+    """Load the model at PATH into the node pool through the daemon."""
+    import os
+
+    from tqdm import tqdm
+
+    from ..client import get_session
+
+    location = path if "://" in path else os.path.abspath(path)
+    session = get_session(socket)
+    bar: tqdm[Any] | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if no_progress or not total:
+            return
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="loading",
+                file=sys.stderr,
+            )
+        bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        ready = session.open(location, crc32_file, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    summary = {
+        "seconds": round(seconds, 4),
+        "bytes": ready.manifest.total_bytes,
+        "bytes_from_origin": ready.bytes_from_origin,
+        "bytes_from_peers": ready.bytes_from_peers,
+        "bytes_from_pool": ready.bytes_from_pool,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    rate = summary["bytes"] / seconds / 2**30 if seconds > 0 else 0.0
+    mib = 2**20
+    click.echo(
+        f"loaded {location}: {len(ready.manifest.files)} files, "
+        f"{summary['bytes'] / mib:.1f} MiB in {seconds:.2f}s ({rate:.2f} GiB/s); "
+        f"from origin {ready.bytes_from_origin / mib:.1f} MiB, "
+        f"from peers {ready.bytes_from_peers / mib:.1f} MiB, "
+        f"from pool {ready.bytes_from_pool / mib:.1f} MiB"
+    )
+
+
+@click.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+def status(socket: str | None, as_json: bool) -> None:
+    """Show capacity, use, models and counters of the node daemon."""
+    from ..client import get_session
+
+    st = get_session(socket).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    gib = 2**30
+    used, cap = _n(st["used_bytes"]) / gib, _n(st["capacity_bytes"]) / gib
+    click.echo(
+        f"pool {st['pool_dir']}: {used:.2f} / {cap:.2f} GiB used, "
+        f"{_n(st['pinned_bytes']) / gib:.2f} GiB pinned, {st['clients']} clients"
+    )
+    click.echo(
+        f"hits {st['hits']}  misses {st['misses']}  evictions {st['evictions']}  "
+        f"from origin {_n(st['bytes_from_origin']) / gib:.2f} GiB  "
+        f"integrity failures {st['integrity_failures']}"
+    )
+    models = st["models"]
+    assert isinstance(models, list)
+    if models:
+        click.echo(f"{'cached':>7}  {'size':>10}  {'pins':>4}  {'state':<8}  model")
+        for m in models:
+            click.echo(
+                f"{100 * m['cached_fraction']:6.1f}%  {m['bytes'] / 2**20:8.1f}Mi  {m['pins']:>4}  "
+                f"{m['state']:<8}  {m['path']}"
+            )
+
+
+def _n(v: object) -> int:
+    assert isinstance(v, int)
+    return v

@@ -1,0 +1,301 @@
+"""Model handles: tensors that are views of shared pool pages.
+
+Each safetensors pool file is mapped ``MAP_PRIVATE`` with write permission: reads share the
+pool's physical pages with every other process (zero-copy), while an engine that modifies a
+tensor in place gets a private copy of just that page instead of corrupting the pool, and
+torch sees a writable buffer. A tensor keeps its mapping alive; the daemon pin is released
+when the handle is closed and the last tensor of the model is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._errors import DaemonUnavailableError, IntegrityError, MowsError
+from ..manifest import FileEntry, Manifest, TensorInfo, build_manifest
+from ..sources import open_source
+from ._session import get_session
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DaemonFallbackWarning",
+    "ModelHandle",
+    "TensorSlice",
+    "iter_weights",
+    "load_state_dict",
+    "open_model",
+]
+
+log = logging.getLogger("mows.client")
+
+ProgressFn = Callable[[int, int], None]
+
+
+class DaemonFallbackWarning(UserWarning):
+    """No daemon answered: the model was read straight from its source."""
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    table = {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "U16": torch.uint16,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I32": torch.int32,
+        "U32": torch.uint32,
+        "F32": torch.float32,
+        "I64": torch.int64,
+        "U64": torch.uint64,
+        "F64": torch.float64,
+        "C64": torch.complex64,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8),
+    }
+    return table[name]
+
+
+class _PinGuard:
+    """Calls ``release`` once the handle is closed and every mapping it made is collected."""
+
+    def __init__(self, release: Callable[[], None] | None) -> None:
+        self._release = release
+        self._count = 1  # the handle itself
+        self._lock = threading.Lock()
+
+    def track(self, obj: object) -> None:
+        with self._lock:
+            self._count += 1
+        weakref.finalize(obj, self.drop)
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            fire = self._count == 0
+        if fire and self._release is not None:
+            self._release()
+
+
+class TensorSlice:
+    """A lazily sliced tensor (like safetensors' ``get_slice``): index it to get a view."""
+
+    def __init__(self, handle: ModelHandle, info: TensorInfo) -> None:
+        self._handle = handle
+        self.info = info
+
+    def get_shape(self) -> list[int]:
+        return list(self.info.shape)
+
+    def get_dtype(self) -> str:
+        return self.info.dtype
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._handle.get_tensor(self.info.name)[index]
+
+
+class ModelHandle:
+    """A model's tensors, mapped from the pool (or from the source in fallback mode)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        files: Mapping[str, str],
+        *,
+        model: str = "",
+        release: Callable[[], None] | None = None,
+        stats: Mapping[str, float] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.model = model
+        self.files = dict(files)  # relative path -> local file (pool file, or source file)
+        self.stats = dict(stats or {})
+        self._guard = _PinGuard(release)
+        self._maps: dict[str, mmap.mmap] | None = {}
+        self._index: dict[str, tuple[FileEntry, TensorInfo]] = {}
+        self._metadata: dict[str, str] = {}
+        for entry in manifest.files:
+            if entry.safetensors is None:
+                continue
+            self._metadata.update(entry.safetensors.metadata)
+            for t in entry.safetensors.tensors:
+                if t.end > entry.size:
+                    raise MowsError(
+                        f"{entry.path}: tensor {t.name!r} lies past the end of the file"
+                    )
+                self._index[t.name] = (entry, t)
+        self._lock = threading.Lock()
+
+    # -- the safetensors-like API -------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self._index[name][1]
+
+    def get_slice(self, name: str) -> TensorSlice:
+        if name not in self._index:
+            raise KeyError(name)
+        return TensorSlice(self, self._index[name][1])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """A tensor viewing the shared pages: no copy."""
+        import torch
+
+        entry, info = self._index[name]
+        dtype = _torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = self._map(entry.path)
+        count = info.nbytes // dtype.itemsize
+        flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=info.start)
+        return flat.view(info.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.get_tensor(name) for name in self._index}
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors in file order, then offset order: sequential over the pages."""
+        for entry in self.manifest.files:
+            if entry.safetensors is not None:
+                for t in entry.safetensors.tensors:
+                    yield t.name, self.get_tensor(t.name)
+
+    def file_path(self, rel: str) -> str:
+        """The local path of any model file (config.json, tokenizer...), read-only."""
+        return self.files[rel]
+
+    def _map(self, rel: str) -> mmap.mmap:
+        with self._lock:
+            if self._maps is None:
+                raise MowsError("the model handle is closed")
+            m = self._maps.get(rel)
+            if m is None:
+                fd = os.open(self.files[rel], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    size = os.fstat(fd).st_size
+                    m = mmap.mmap(
+                        fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                    )
+                finally:
+                    os.close(fd)
+                self._maps[rel] = m
+                self._guard.track(m)
+            return m
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the handle's hold; tensors already handed out stay valid while referenced."""
+        with self._lock:
+            if self._maps is None:
+                return
+            self._maps = None
+        self._guard.drop()
+
+    def __enter__(self) -> ModelHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_maps", None) is not None:
+            self.close()
+
+
+def open_model(
+    path: str | os.PathLike[str],
+    *,
+    socket: str | None = None,
+    fallback: bool = True,
+    crc32_file: str | None = None,
+    progress: ProgressFn | None = None,
+) -> ModelHandle:
+    """Open a model through the local daemon, which fetches it into the pool if needed.
+
+    With no daemon reachable, reads the source directly with one ``DaemonFallbackWarning``
+    (or raises ``DaemonUnavailableError`` if ``fallback`` is False).
+    """
+    location = os.fspath(path)
+    if "://" not in location:
+        location = os.path.abspath(location)
+    try:
+        session = get_session(socket)
+    except DaemonUnavailableError as e:
+        if not fallback:
+            raise
+        warnings.warn(
+            f"{e}; reading {location} directly from its source", DaemonFallbackWarning, stacklevel=2
+        )
+        return _open_direct(location, crc32_file or "crc32.txt")
+    ready = session.open(location, crc32_file, progress)
+    model = ready.model
+    return ModelHandle(
+        ready.manifest,
+        ready.files,
+        model=model,
+        release=lambda: session.release(model),
+        stats={
+            "seconds": ready.seconds,
+            "bytes": ready.manifest.total_bytes,
+            "bytes_from_origin": ready.bytes_from_origin,
+            "bytes_from_peers": ready.bytes_from_peers,
+            "bytes_from_pool": ready.bytes_from_pool,
+        },
+    )
+
+
+def _open_direct(location: str, crc32_file: str) -> ModelHandle:
+    """Fallback: map local source files directly, after checking them against crc32.txt."""
+    from .._verify import crc32_of_files
+    from ..manifest import FileStat
+    from ..sources._local import LocalSource
+
+    source = open_source(location)
+    if not isinstance(source, LocalSource):
+        raise DaemonUnavailableError(f"{location}: reading a remote model needs the mows daemon")
+    manifest = build_manifest(source, crc32_file=crc32_file)
+    listed = [FileStat(f.path, f.size, f.mtime_ns) for f in manifest.files if f.crc32 is not None]
+    actual = crc32_of_files(source, listed)
+    for f in manifest.files:
+        if f.crc32 is None:
+            continue
+        got = actual[f.path]
+        if isinstance(got, Exception):
+            raise got
+        if got != f.crc32:
+            raise IntegrityError(f"{location}/{f.path}", f.crc32, got, source="origin")
+    files = {f.path: os.path.join(source.root, f.path) for f in manifest.files}
+    return ModelHandle(manifest, files)
+
+
+def load_state_dict(
+    path: str | os.PathLike[str], *, socket: str | None = None, fallback: bool = True
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the model, as views of the shared pool pages."""
+    with open_model(path, socket=socket, fallback=fallback) as handle:
+        return handle.state_dict()
+
+
+def iter_weights(
+    path: str | os.PathLike[str], *, socket: str | None = None, fallback: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs for engines' ``load_weights``, in file order."""
+    with open_model(path, socket=socket, fallback=fallback) as handle:
+        yield from handle.iter_weights()

@@ -1,0 +1,145 @@
+"""One connection per process to the local daemon, shared by every model it opens.
+
+Pins live with this connection: the daemon drops them when it closes, however the process
+ends (SIGKILL included). Releases are queued and sent by a background thread, so they are
+safe to trigger from garbage-collection finalizers on any thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+
+import msgspec
+
+from .. import _protocol as p
+from .._config import default_socket
+from .._errors import DaemonUnavailableError, ProtocolError
+
+__all__ = ["Session", "get_session"]
+
+
+class Session:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.closed = False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            p.send_frame(sock, p.Hello(p.PROTOCOL_VERSION, os.getpid()))
+            welcome = p.decode_response(p.recv_frame(sock))
+            sock.settimeout(None)
+        except OSError as e:
+            sock.close()
+            raise DaemonUnavailableError(
+                f"no mows daemon answers on {path}: {e.strerror or e}"
+            ) from None
+        if isinstance(welcome, p.Error):
+            sock.close()
+            p.raise_error(welcome)
+        if not isinstance(welcome, p.Welcome):
+            sock.close()
+            raise ProtocolError(f"{path}: unexpected greeting {type(welcome).__name__}")
+        self._sock = sock
+        self._request_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._releases: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._release_loop, name="mows-release", daemon=True).start()
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        with self._send_lock:
+            p.send_frame(self._sock, msg)
+
+    def _recv(self) -> p.Response:
+        try:
+            return p.decode_response(p.recv_frame(self._sock))
+        except (OSError, ConnectionError) as e:
+            self.closed = True
+            raise DaemonUnavailableError(
+                f"lost the connection to the daemon on {self.path}: {e}"
+            ) from None
+
+    def open(
+        self,
+        path: str,
+        crc32_file: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> p.Ready:
+        with self._request_lock:
+            try:
+                self._send(p.Open(path, crc32_file))
+            except OSError as e:
+                self.closed = True
+                raise DaemonUnavailableError(
+                    f"lost the connection to the daemon on {self.path}: {e}"
+                ) from None
+            while True:
+                msg = self._recv()
+                if isinstance(msg, p.Progress):
+                    if progress is not None:
+                        progress(msg.done, msg.total)
+                elif isinstance(msg, p.Ready):
+                    return msg
+                elif isinstance(msg, p.Error):
+                    p.raise_error(msg)
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} while opening {path}")
+
+    def status(self) -> dict[str, object]:
+        with self._request_lock:
+            self._send(p.Status())
+            msg = self._recv()
+        if isinstance(msg, p.Error):
+            p.raise_error(msg)
+        if not isinstance(msg, p.StatusReply):
+            raise ProtocolError(f"unexpected {type(msg).__name__} for a status request")
+        return msg.status
+
+    def release(self, model: str) -> None:
+        """Drop one pin on ``model``; safe to call from a finalizer."""
+        if os.getpid() == self.pid and not self.closed:
+            self._releases.put(model)
+
+    def _release_loop(self) -> None:
+        while True:
+            model = self._releases.get()
+            if model is None:
+                return
+            try:
+                self._send(p.Release(model))
+            except OSError:
+                self.closed = True
+                return
+
+    def close(self) -> None:
+        self.closed = True
+        self._releases.put(None)
+        self._sock.close()
+
+
+_sessions: dict[str, Session] = {}
+_lock = threading.Lock()
+
+
+def get_session(path: str | None = None) -> Session:
+    """This process's connection to the daemon on ``path`` (default: MOWS_SOCKET, then
+    /run/mows/mows.sock), made on first use and remade if it was lost."""
+    path = path or default_socket()
+    with _lock:
+        session = _sessions.get(path)
+        if session is None or session.closed or session.pid != os.getpid():
+            session = _sessions[path] = Session(path)
+        return session
+
+
+def _after_fork() -> None:
+    # The child must not share the parent's socket (or send releases for the parent's pins).
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
