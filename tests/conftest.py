@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,22 @@ http {{
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start real daemons; every one is stopped and its pool removed at teardown."""
+    from tests.daemons import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(**kwargs: Any) -> DaemonProcess:
+        base = tmp_path / f"d{len(started)}"
+        base.mkdir(exist_ok=True)
+        d = DaemonProcess(base, **kwargs)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.stop()

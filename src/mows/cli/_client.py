@@ -51,7 +51,7 @@ def load(
 
     start = time.perf_counter()
     try:
-        ready = session.open(location, crc32_file, progress)
+        ready = session.open(location, crc32_file, progress, pin=False)
     finally:
         if bar is not None:
             bar.close()

@@ -69,10 +69,14 @@ class Session:
         path: str,
         crc32_file: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        pin: bool = True,
     ) -> p.Ready:
+        """Have the daemon fetch ``path`` into the pool; ``pin`` keeps it there while this
+        connection holds it (the caller then owes one ``release``)."""
         with self._request_lock:
             try:
-                self._send(p.Open(path, crc32_file))
+                self._send(p.Open(path, crc32_file, pin))
             except OSError as e:
                 self.closed = True
                 raise DaemonUnavailableError(

@@ -243,14 +243,19 @@ class Daemon:
             and (entry.crc32 is None or entry.crc32 == pf.crc32)
         )
 
-    async def _reserve(self, model: str, location: str, missing: list[FileEntry]) -> list[PoolFile]:
+    async def _reserve(
+        self, model: str, manifest: Manifest, missing: list[FileEntry]
+    ) -> list[PoolFile]:
         while True:
             try:
                 return self.pool.reserve(
-                    model, location, ((f.path, f.size, f.mtime_ns) for f in missing)
+                    model,
+                    manifest.source,
+                    ((f.path, f.size, f.mtime_ns) for f in missing),
+                    {f.path: f.size for f in manifest.files},
                 )
             except WouldWait:
-                log.info("%s waits for loads in progress to free pool space", location)
+                log.info("%s waits for loads in progress to free pool space", manifest.source)
                 self._pool_changed.clear()
                 await self._pool_changed.wait()
 
@@ -258,7 +263,7 @@ class Daemon:
         self, load: _Load, source: Source, manifest: Manifest, missing: list[FileEntry]
     ) -> None:
         loop = asyncio.get_running_loop()
-        pool_files = await self._reserve(load.model, load.location, missing)
+        pool_files = await self._reserve(load.model, manifest, missing)
         fills: dict[str, FileFill] = {}
         pending: list[asyncio.Future[int]] = []
         last_publish = 0.0
@@ -307,7 +312,7 @@ class Daemon:
             for fill in fills.values():
                 fill.close()
 
-    # -- the local API ----------------------------------------------------------------------------------
+    # -- the local API ---------------------------------------------------------------------------
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -401,6 +406,8 @@ class Daemon:
             pool_files = {f.rel: f for f in self.pool.model_files(mid)}
             if manifest is not None:
                 entries = [(f.path, f.size) for f in manifest.files]
+            elif self.pool.expected.get(mid):
+                entries = sorted(self.pool.expected[mid].items())
             else:
                 entries = [(f.rel, f.size) for f in pool_files.values()]
             total = sum(size for _, size in entries)

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -88,6 +88,7 @@ class Pool:
         self.file_mode = file_mode
         self.files: dict[tuple[str, str], PoolFile] = {}
         self.sources: dict[str, str] = {}  # model id -> source location
+        self.expected: dict[str, dict[str, int]] = {}  # model id -> {file: size} of the model
         self.pins: dict[str, int] = {}  # model id -> client pins
         self.busy: dict[str, int] = {}  # model id -> loads in progress
         self.used_bytes = 0
@@ -128,7 +129,11 @@ class Pool:
 
     # -- reservation and eviction ----------------------------------------------------------
     def reserve(
-        self, model: str, source: str, entries: Iterable[tuple[str, int, int]]
+        self,
+        model: str,
+        source: str,
+        entries: Iterable[tuple[str, int, int]],
+        expected: Mapping[str, int],
     ) -> list[PoolFile]:
         """Reserve room for ``(rel, size, mtime_ns)`` files of ``model``, evicting LRU files.
 
@@ -165,6 +170,7 @@ class Pool:
         for f in stale:
             self._remove(f)
         self.sources[model] = source
+        self.expected[model] = dict(expected)
         os.makedirs(self.model_dir(model), mode=self.dir_mode, exist_ok=True)
         out = []
         for rel, size, mtime_ns in entries:
@@ -248,7 +254,8 @@ class Pool:
             return
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as fh:
-            fh.write(msgspec.json.encode(_Meta(1, self.sources.get(model, ""), files)))
+            meta = _Meta(1, self.sources.get(model, ""), files, self.expected.get(model, {}))
+            fh.write(msgspec.json.encode(meta))
         os.replace(tmp, path)
 
     def adopt(self, verify: Callable[[str, int, list[int]], bool]) -> int:
@@ -297,6 +304,7 @@ class Pool:
                 keep.add(rel)
             if meta is not None and keep:
                 self.sources[model] = meta.source
+                self.expected[model] = dict(meta.expected)
             for path in _walk_files(mdir):
                 rel = os.path.relpath(path, mdir)
                 if rel not in keep and rel != META:
@@ -321,6 +329,7 @@ class _Meta(msgspec.Struct, frozen=True):
     version: int
     source: str
     files: dict[str, _FileMeta]
+    expected: dict[str, int] = {}  # every file of the model, cached or not
 
 
 def _read_meta(path: str) -> _Meta | None:

@@ -1,0 +1,111 @@
+"""Real ``mows serve`` processes for tests, stopped and cleaned up by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+
+class DaemonProcess:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        roots: list[Path | str],
+        max_memory: str = "1GiB",
+        extra: list[str] | None = None,
+        pool_dir: Path | None = None,
+    ) -> None:
+        self.base = base
+        self.socket = str(base / "mows.sock")
+        # A unique pool under /dev/shm: real shared memory, removed by stop().
+        self.pool_dir = pool_dir or Path("/dev/shm") / f"mows-test-{uuid.uuid4().hex[:10]}"
+        self.args = [
+            sys.executable,
+            "-m",
+            "mows",
+            "-v",
+            "serve",
+            "--max-memory",
+            max_memory,
+            "--socket",
+            self.socket,
+            "--pool-dir",
+            str(self.pool_dir),
+            "--chunk-size",
+            "1MiB",
+            *[a for r in roots for a in ("--allow-root", str(r))],
+            *(extra or []),
+        ]
+        self.log_path = base / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> DaemonProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if k != "MOWS_SOCKET"}
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(clean=False)
+                raise RuntimeError(f"daemon did not start:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "mows", "status", "--json", "--socket", self.socket],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return dict(json.loads(out.stdout))
+
+    def stop(self, *, clean: bool = True, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        if clean:
+            shutil.rmtree(self.pool_dir, ignore_errors=True)
+
+
+def make_random_model(path: Path, mib: int, *, files: int = 2, seed: int = 0) -> Path:
+    """A model of real safetensors files holding random float32 tensors, ``mib`` MiB in all."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    per_file = mib * 2**20 // files
+    for i in range(files):
+        n = per_file // 4 // 4
+        tensors = {f"layer{i}.w{j}": rng.standard_normal(n, dtype=np.float32) for j in range(4)}
+        save_file(tensors, str(path / f"model-{i:05d}-of-{files:05d}.safetensors"))
+    (path / "config.json").write_text(json.dumps({"seed": seed}))
+    return path
+
+
+def generate_crc32(model: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "mows", "crc32", "generate", str(model)],
+        check=True,
+        capture_output=True,
+    )
