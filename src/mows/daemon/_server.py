@@ -348,6 +348,8 @@ class Daemon:
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping: close this connection like any other
         except ProtocolError as e:
             log.warning("closing a client connection: %s", e)
             with contextlib.suppress(Exception):
