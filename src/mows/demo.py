@@ -206,9 +206,17 @@ def run(sock: str, model_dir: Path, size: int, mows: list[str]) -> None:
 
     gib = 2**30
     rows = [
-        ("cold load via daemon (origin -> pool)", cold["seconds"], f"{size / gib / cold['seconds']:.2f} GiB/s"),
+        (
+            "cold load via daemon (origin -> pool)",
+            cold["seconds"],
+            f"{size / gib / cold['seconds']:.2f} GiB/s",
+        ),
         ("warm load_state_dict (2nd process, mapping)", warm, f"{size / gib / warm:.1f} GiB/s"),
-        ("eager safetensors.load(bytes) of the files", eager_s, f"{size / gib / eager_s:.2f} GiB/s"),
+        (
+            "eager safetensors.load(bytes) of the files",
+            eager_s,
+            f"{size / gib / eager_s:.2f} GiB/s",
+        ),
     ]
     print()
     print(f"{'step':<46} {'seconds':>8}  rate")

@@ -1,0 +1,343 @@
+"""Single-node figures: cold fill, warm open, touching every byte, memory of N processes.
+
+    python bench/local.py [--quick] [--repeat 5] [--workdir DIR]
+
+(a) cold load through mows (the daemon fills a fresh pool from a local source whose files are
+    in the page cache) vs `cp` of the same files into a fresh directory in /dev/shm;
+(b) warm open by another process: time until `load_state_dict` returns, for two model sizes,
+    vs an eager `safetensors.torch.load(open(f, "rb").read())` of the same files;
+(c) copying every tensor of the warm model into a preallocated destination (as an engine does
+    on its way to the GPU), in a fresh process, vs the same copy from an anonymous buffer;
+(d) memory (sum of PSS growth) of 4 processes holding the model via mows vs eager safetensors.
+All sides are measured interleaved in one run; medians are printed and written to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from _common import median, table, write_json  # noqa: E402
+
+from tests.daemons import DaemonProcess  # noqa: E402
+
+
+def make_model(path: Path, mib: int, files: int = 4, tensors: int = 32) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(mib)
+    per_tensor = mib * 2**20 // files // tensors // 2
+    for i in range(files):
+        data = {
+            f"f{i}.t{j}": rng.integers(0, 2**16, per_tensor, dtype=np.uint16).view(np.float16)
+            for j in range(tensors)
+        }
+        save_file(data, str(path / f"model-{i:05d}-of-{files:05d}.safetensors"))
+    subprocess.run([sys.executable, "-m", "mows", "crc32", "generate", str(path)], check=True)
+    return path
+
+
+def size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def child(code: str, *args: str) -> Any:
+    """Run ``code`` in a fresh interpreter; it prints one JSON value."""
+    prog = "import sys, json, time, os\n" + code
+    out = subprocess.run(
+        [sys.executable, "-c", prog, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+WARM_OPEN = """
+import mows, torch
+t = time.perf_counter()
+sd = mows.load_state_dict(sys.argv[1], socket=sys.argv[2], fallback=False)
+print(json.dumps(time.perf_counter() - t))
+"""
+
+EAGER_OPEN = """
+import glob, torch
+from safetensors.torch import load
+t = time.perf_counter()
+sd = {}
+for f in sorted(glob.glob(sys.argv[1] + "/*.safetensors")):
+    with open(f, "rb") as fh:
+        sd.update(load(fh.read()))
+print(json.dumps(time.perf_counter() - t))
+"""
+
+COPY = """
+import mows, torch
+torch.set_num_threads(1)
+mode, path, sock = sys.argv[1:4]
+sd = mows.load_state_dict(path, socket=sock, fallback=False)
+if mode == "anon":  # the same bytes in ordinary, already-touched process memory
+    sd = {k: v.clone() for k, v in sd.items()}
+dst = {k: torch.empty_like(v) for k, v in sd.items()}
+for v in dst.values():
+    v.fill_(0)  # pre-fault the destination
+t = time.perf_counter()
+for k, v in sd.items():
+    dst[k].copy_(v)
+print(json.dumps(time.perf_counter() - t))
+"""
+
+HOLD = """
+import mows, torch, glob
+from safetensors.torch import load
+def pss():
+    with open("/proc/self/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+mode, path, sock = sys.argv[1:4]
+before = pss()
+if mode == "mows":
+    sd = mows.load_state_dict(path, socket=sock, fallback=False)
+else:
+    sd = {}
+    for f in sorted(glob.glob(path + "/*.safetensors")):
+        with open(f, "rb") as fh:
+            sd.update(load(fh.read()))
+total = sum(float(v.view(-1)[:: 1024].float().sum()) for v in sd.values())  # touch pages
+for v in sd.values():
+    v.view(torch.uint8).sum()  # every byte
+print("held", flush=True)
+sys.stdin.readline()  # measure only while all N processes hold the model
+print(json.dumps(pss() - before), flush=True)
+sys.stdin.readline()
+"""
+
+
+def hold_memory(mode: str, path: Path, sock: str, n: int = 4) -> int:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import sys, json\n" + HOLD, mode, str(path), sock],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    for p in procs:  # all hold the model at once before anyone measures
+        assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    total = 0
+    for p in procs:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+        total += int(json.loads(p.stdout.readline()))
+    for p in procs:
+        p.communicate("\n", timeout=60)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Small models and few repeats.")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    small, big, cold = (64, 256, 128) if args.quick else (512, 2048, 1024)
+    repeat = 3 if args.quick else args.repeat
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        base = Path(tmp)
+        m_cold = make_model(base / "cold", cold)
+        m_small = make_model(base / "small", small)
+        m_big = make_model(base / "big", big)
+        for m in (m_cold, m_small, m_big):
+            subprocess.run(["cat", *map(str, m.glob("*"))], stdout=subprocess.DEVNULL, check=True)
+
+        # (a) cold fill vs cp into /dev/shm
+        sock_dir = base / "sock"
+        sock_dir.mkdir()
+        t_cp, t_mows = [], []
+        for _ in range(repeat):
+            dst = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="mows-bench-cp-"))
+            files = [str(f) for f in sorted(m_cold.glob("*.safetensors"))]
+            t = time.perf_counter()
+            subprocess.run(["cp", *files, str(dst)], check=True)
+            t_cp.append(time.perf_counter() - t)
+            shutil.rmtree(dst)
+            time.sleep(1)
+            d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
+            try:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mows",
+                        "load",
+                        "--json",
+                        "--no-progress",
+                        "--socket",
+                        d.socket,
+                        str(m_cold),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                t_mows.append(json.loads(out.stdout)["seconds"])
+            finally:
+                d.stop()
+            time.sleep(1)
+        gib = size_of(m_cold) / 2**30
+        results["a_cold"] = {
+            "bytes": size_of(m_cold),
+            "cp_s": t_cp,
+            "mows_s": t_mows,
+            "cp_gib_s": gib / median(t_cp),
+            "mows_gib_s": gib / median(t_mows),
+            "ratio": median(t_cp) / median(t_mows),
+        }
+
+        # (b)-(d) on one warm daemon
+        d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
+        try:
+            for m in (m_small, m_big):
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mows",
+                        "load",
+                        "--no-progress",
+                        "--socket",
+                        d.socket,
+                        str(m),
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+            for name, m in (("small", m_small), ("big", m_big)):
+                warm, eager = [], []
+                for _ in range(repeat):
+                    warm.append(child(WARM_OPEN, str(m), d.socket))
+                    eager.append(child(EAGER_OPEN, str(m)))
+                results[f"b_warm_{name}"] = {
+                    "bytes": size_of(m),
+                    "warm_s": warm,
+                    "eager_s": eager,
+                    "speedup": median(eager) / median(warm),
+                }
+            results["b_growth"] = median(results["b_warm_big"]["warm_s"]) / median(
+                results["b_warm_small"]["warm_s"]
+            )
+            t_map, t_anon = [], []
+            for _ in range(repeat):
+                t_map.append(child(COPY, "mows", str(m_big), d.socket))
+                t_anon.append(child(COPY, "anon", str(m_big), d.socket))
+            results["c_copy"] = {
+                "bytes": size_of(m_big),
+                "pool_s": t_map,
+                "anon_s": t_anon,
+                "ratio": median(t_anon) / median(t_map),
+            }
+            mem_mows = hold_memory("mows", m_small, d.socket)
+            mem_eager = hold_memory("eager", m_small, d.socket)
+            results["d_memory"] = {
+                "bytes": size_of(m_small),
+                "mows_total": mem_mows,
+                "eager_total": mem_eager,
+                "mows_x_model": mem_mows / size_of(m_small),
+                "eager_x_model": mem_eager / size_of(m_small),
+            }
+        finally:
+            d.stop()
+
+    a, c, dm = results["a_cold"], results["c_copy"], results["d_memory"]
+    bs, bb = results["b_warm_small"], results["b_warm_big"]
+    mib = 2**20
+    rows = [
+        [
+            "(a) cold fill, cp -> /dev/shm",
+            f"{a['bytes'] // mib} MiB",
+            median(a["cp_s"]),
+            f"{a['cp_gib_s']:.2f} GiB/s",
+            "",
+        ],
+        [
+            "(a) cold fill, mows daemon",
+            f"{a['bytes'] // mib} MiB",
+            median(a["mows_s"]),
+            f"{a['mows_gib_s']:.2f} GiB/s",
+            f"{a['ratio']:.2f}x cp (>= 0.8)",
+        ],
+        ["(b) warm open, mows", f"{bs['bytes'] // mib} MiB", median(bs["warm_s"]), "", ""],
+        [
+            "(b) warm open, eager safetensors",
+            f"{bs['bytes'] // mib} MiB",
+            median(bs["eager_s"]),
+            "",
+            f"mows {bs['speedup']:.0f}x faster (>= 50)",
+        ],
+        [
+            "(b) warm open, mows",
+            f"{bb['bytes'] // mib} MiB",
+            median(bb["warm_s"]),
+            "",
+            f"{results['b_growth']:.2f}x the small one (<= 1.5)",
+        ],
+        [
+            "(b) warm open, eager safetensors",
+            f"{bb['bytes'] // mib} MiB",
+            median(bb["eager_s"]),
+            "",
+            f"mows {bb['speedup']:.0f}x faster (>= 50)",
+        ],
+        [
+            "(c) copy every tensor, from anon memory",
+            f"{c['bytes'] // mib} MiB",
+            median(c["anon_s"]),
+            "",
+            "",
+        ],
+        [
+            "(c) copy every tensor, from the pool",
+            f"{c['bytes'] // mib} MiB",
+            median(c["pool_s"]),
+            "",
+            f"{c['ratio']:.2f}x anon (>= 0.8)",
+        ],
+        [
+            "(d) 4 processes hold it, eager",
+            f"{dm['bytes'] // mib} MiB",
+            "",
+            f"{dm['eager_total'] / mib:.0f} MiB",
+            f"{dm['eager_x_model']:.2f}x model",
+        ],
+        [
+            "(d) 4 processes hold it, mows",
+            f"{dm['bytes'] // mib} MiB",
+            "",
+            f"{dm['mows_total'] / mib:.0f} MiB",
+            f"{dm['mows_x_model']:.2f}x model (<= 1.1)",
+        ],
+    ]
+    print(f"median of {repeat}, interleaved")
+    print(table(["what", "model", "seconds", "rate/memory", "figure (target)"], rows))
+    out = write_json(
+        "local-quick" if args.quick else "local", {"repeat": repeat, "results": results}
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
