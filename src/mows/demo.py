@@ -35,7 +35,7 @@ def make_model(target: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         desc = _convert_smollm2(tmp)
-    except Exception as e:  # noqa: BLE001 - any failure falls back to a random model
+    except Exception as e:
         log(f"SmolLM2 conversion failed ({type(e).__name__}: {e}); using a random tiny Qwen2")
         shutil.rmtree(tmp, ignore_errors=True)
         desc = _random_qwen2(tmp)
@@ -228,8 +228,9 @@ def run(sock: str, model_dir: Path, size: int, mows: list[str]) -> None:
     print(f"mows weights:     {text_mows!r}")
     print(f"original files:   {text_ref!r}")
     print(f"tensors bitwise equal: {same}; generations equal: {text_mows == text_ref}")
+    used, cap = status["used_bytes"] / 2**20, status["capacity_bytes"] / 2**20
     print(
-        f"pool: {status['used_bytes'] / 2**20:.1f} MiB used of {status['capacity_bytes'] / 2**20:.0f} MiB, "
+        f"pool: {used:.1f} MiB used of {cap:.0f} MiB, "
         f"{status['bytes_from_origin'] / 2**20:.1f} MiB from origin, hits {status['hits']}, "
         f"misses {status['misses']}"
     )
