@@ -6,6 +6,7 @@ from ._crc import crc32, crc32_combine
 from ._errors import (
     AccessDeniedError,
     CapacityError,
+    ClusterError,
     ConfigError,
     Crc32FileError,
     DaemonError,
@@ -14,6 +15,7 @@ from ._errors import (
     IntegrityError,
     ManifestError,
     MowsError,
+    PeerError,
     ProtocolError,
     SourceError,
     SourceNotFoundError,
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "CapacityError",
+    "ClusterError",
     "ConfigError",
     "Crc32FileError",
     "DaemonError",
@@ -42,6 +45,7 @@ __all__ = [
     "ManifestError",
     "ModelHandle",
     "MowsError",
+    "PeerError",
     "ProtocolError",
     "SourceError",
     "SourceNotFoundError",

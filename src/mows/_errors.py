@@ -10,7 +10,9 @@
     │   └── SourceNotFoundError
     ├── AccessDeniedError     a path outside the daemon's allowed roots
     ├── CapacityError         does not fit under the pool's memory cap
-    ├── ProtocolError         a malformed message on the local socket
+    ├── ProtocolError         a malformed message on the local socket or from a peer
+    ├── PeerError             a peer failed, stalled, refused us or sent bad bytes (names it)
+    ├── ClusterError          the cluster directory (etcd) failed
     └── DaemonError           the daemon refused or failed a request
         └── DaemonUnavailableError   no daemon answers on the socket
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "CapacityError",
+    "ClusterError",
     "ConfigError",
     "Crc32FileError",
     "DaemonError",
@@ -31,6 +34,7 @@ __all__ = [
     "IntegrityError",
     "ManifestError",
     "MowsError",
+    "PeerError",
     "ProtocolError",
     "SourceError",
     "SourceNotFoundError",
@@ -109,6 +113,20 @@ class CapacityError(MowsError):
 
 class ProtocolError(MowsError):
     """A message on the local socket is malformed, too large or of another version."""
+
+
+class PeerError(MowsError):
+    """A peer failed, stalled, refused the handshake or sent bytes that failed their CRC."""
+
+    def __init__(self, peer: str, reason: str, corrupt: bool = False) -> None:
+        super().__init__(f"peer {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+        self.corrupt = corrupt
+
+
+class ClusterError(MowsError):
+    """The cluster directory (etcd) is unreachable or returned an error."""
 
 
 class DaemonError(MowsError):

@@ -141,11 +141,11 @@ def send_frame(sock: socket.socket, msg: msgspec.Struct) -> None:
 
 def recv_frame(sock: socket.socket) -> bytes:
     """One frame's body from a blocking socket; ``ConnectionError`` at EOF."""
-    n = check_length(_recv_exact(sock, _LEN.size))
-    return _recv_exact(sock, n)
+    n = check_length(recv_exact(sock, _LEN.size))
+    return recv_exact(sock, n)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0

@@ -1,0 +1,16 @@
+"""Moving chunks between nodes: a small contract and its implementations (``--nic``)."""
+
+from __future__ import annotations
+
+from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
+from ._tcp import TcpPeerClient, TcpPeerServer, split_address
+
+__all__ = [
+    "ChunkStore",
+    "PeerClient",
+    "PeerServer",
+    "ServedChunk",
+    "TcpPeerClient",
+    "TcpPeerServer",
+    "split_address",
+]
