@@ -141,3 +141,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Any]:
+    """A real etcd server on loopback, stopped at teardown."""
+    from tests.daemons import EtcdProcess
+
+    server = EtcdProcess(tmp_path).start()
+    yield server
+    server.stop()

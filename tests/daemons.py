@@ -109,3 +109,64 @@ def generate_crc32(model: Path) -> None:
         check=True,
         capture_output=True,
     )
+
+
+class EtcdProcess:
+    """A real single-member etcd on loopback, in its own data directory."""
+
+    def __init__(self, base: Path) -> None:
+        from tests.conftest import free_port, require_tool
+
+        self.binary = require_tool("etcd")
+        self.base = base
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        import socket
+
+        self._log = open(self.base / "etcd.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--name",
+                "mows-test",
+                "--data-dir",
+                str(self.base / "etcd-data"),
+                "--listen-client-urls",
+                self.endpoint,
+                "--advertise-client-urls",
+                self.endpoint,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.peer_port}",
+                "--initial-cluster",
+                f"mows-test=http://127.0.0.1:{self.peer_port}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("etcd did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()

@@ -79,6 +79,16 @@ class DaemonConfig:
     chunk_size: int = 64 * 2**20
     workers: int = 4
     sources: dict[str, Any] = field(default_factory=dict)  # options passed to open_source
+    # cluster mode (off without etcd)
+    etcd: tuple[str, ...] = ()
+    cluster: str = "default"
+    listen: str = "0.0.0.0:7470"
+    advertise: str = ""
+    node_id: str = ""
+    cluster_secret_file: str = ""
+    lease_ttl: int = 5
+    peer_timeout: float = 30.0
+    peer_connections: int = 4
 
     def __post_init__(self) -> None:
         if self.max_memory <= 0:
@@ -92,8 +102,37 @@ class DaemonConfig:
             raise ConfigError("workers: must be between 1 and 256")
         if not self.socket:
             raise ConfigError("socket: must not be empty")
+        if not 2 <= self.lease_ttl <= 600:
+            raise ConfigError("lease_ttl: must be between 2 and 600 seconds")
+        if self.peer_timeout <= 0:
+            raise ConfigError("peer_timeout: must be positive")
+        if not 1 <= self.peer_connections <= 64:
+            raise ConfigError("peer_connections: must be between 1 and 64")
+        for key in ("listen", "advertise"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"\[?[^\s\]]*\]?:\d{1,5}", value):
+                raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.cluster):
+            raise ConfigError(
+                f"cluster: names may use letters, digits, '.', '_', '-' ({self.cluster!r})"
+            )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode: must be an octal file mode such as 0o660")
+
+    def cluster_secret(self) -> bytes | None:
+        """The shared secret peers must prove, read from ``cluster_secret_file``."""
+        if not self.cluster_secret_file:
+            return None
+        try:
+            with open(self.cluster_secret_file, "rb") as fh:
+                secret = fh.read().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cluster_secret_file: {self.cluster_secret_file}: {e.strerror}"
+            ) from None
+        if len(secret) < 16:
+            raise ConfigError("cluster_secret_file: the secret must be at least 16 bytes")
+        return secret
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -115,6 +154,15 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "pool_dir": ("pool_dir", lambda v, k: _str(v, k)),
     "chunk_size": ("chunk_size", lambda v, k: parse_size(v if not _bare(v) else f"{v}MiB", k)),
     "workers": ("workers", lambda v, k: _int(v, k)),
+    "etcd": ("etcd", lambda v, k: _str_list(v, k)),
+    "cluster": ("cluster", lambda v, k: _str(v, k)),
+    "listen": ("listen", lambda v, k: _str(v, k)),
+    "advertise": ("advertise", lambda v, k: _str(v, k)),
+    "node_id": ("node_id", lambda v, k: _str(v, k)),
+    "cluster_secret_file": ("cluster_secret_file", lambda v, k: _str(v, k)),
+    "lease_ttl": ("lease_ttl", lambda v, k: _int(v, k)),
+    "peer_timeout": ("peer_timeout", lambda v, k: _float(v, k)),
+    "peer_connections": ("peer_connections", lambda v, k: _int(v, k)),
 }
 
 
@@ -141,6 +189,13 @@ def _int(v: object, key: str) -> int:
         return int(str(v), 10)
     except ValueError:
         raise ConfigError(f"{key}: expected an integer, got {v!r}") from None
+
+
+def _float(v: object, key: str) -> float:
+    try:
+        return float(str(v))
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {v!r}") from None
 
 
 def _mode(v: object, key: str) -> int:

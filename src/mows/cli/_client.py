@@ -109,6 +109,27 @@ def status(socket: str | None, as_json: bool) -> None:
                 f"{m['state']:<8}  {m['path']}"
             )
 
+    cluster = st.get("cluster")
+    if isinstance(cluster, dict):
+        health = "connected" if cluster["healthy"] else "DISCONNECTED (loads use origin)"
+        click.echo(f"cluster {cluster['name']} as {cluster['node_id']}: etcd {health}")
+        click.echo(
+            f"{'node':<24} {'address':<22} {'used/cap GiB':>13} {'origin GiB':>10} "
+            f"{'peers GiB':>9} {'served GiB':>10}"
+        )
+        for n in cluster["nodes"]:
+            click.echo(
+                f"{n['id']:<24} {n['address']:<22} "
+                f"{n['used_bytes'] / gib:>6.2f}/{n['capacity_bytes'] / gib:<6.2f} "
+                f"{n['bytes_from_origin'] / gib:>10.2f} {n['bytes_from_peers'] / gib:>9.2f} "
+                f"{n['bytes_served_to_peers'] / gib:>10.2f}"
+            )
+        for m in cluster["models"]:
+            click.echo(
+                f"copies per chunk of {m['path'] or m['fingerprint']}: "
+                f"min {m['min_copies']}, max {m['max_copies']} over {m['chunks']} chunks"
+            )
+
 
 def _n(v: object) -> int:
     assert isinstance(v, int)

@@ -32,6 +32,16 @@ import click
 )
 @click.option("--chunk-size", default=None, help="Chunk size (MiB, or a size like 16MiB) [64].")
 @click.option("--workers", type=int, default=None, help="Parallel chunk readers [4].")
+@click.option("--etcd", default=None, help="etcd endpoints URL[,URL..]: turns on cluster mode.")
+@click.option(
+    "--cluster", default=None, help="Cluster name: nodes share chunks within it [default]."
+)
+@click.option("--listen", default=None, help="Peer server HOST:PORT [0.0.0.0:7470].")
+@click.option("--advertise", default=None, help="HOST:PORT peers use to reach this node.")
+@click.option("--node-id", default=None, help="This node's id [the advertised address].")
+@click.option("--cluster-secret-file", default=None, help="Shared secret peers must prove.")
+@click.option("--lease-ttl", default=None, help="Seconds before a dead node leaves [5].")
+@click.option("--peer-timeout", default=None, help="Seconds a stalled peer may cost [30].")
 @click.option("--config", "config_file", default=None, help="TOML file with the same settings.")
 def serve(config_file: str | None, **flags: object) -> None:
     """Run the node daemon: one per machine, serving every local process."""

@@ -8,10 +8,12 @@ for it; each client connection holds pins that are dropped when it closes, howev
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -23,10 +25,13 @@ import msgspec
 
 from .. import _protocol as p
 from .._config import DaemonConfig
-from .._errors import AccessDeniedError, IntegrityError, MowsError, ProtocolError
-from ..manifest import FileEntry, Manifest, build_manifest
+from .._errors import AccessDeniedError, IntegrityError, MowsError, PeerError, ProtocolError
+from ..cluster import Cluster, NodeInfo, fingerprint
+from ..manifest import Chunk, FileEntry, Manifest, build_manifest
 from ..pool import FileState, Pool, PoolFile, WouldWait, model_id
 from ..sources import Source, open_source
+from ..transport import PeerClient, PeerServer, TcpPeerClient, TcpPeerServer
+from ._chunks import ChunkTable
 from ._loader import FileFill, crc_of_pool_file, fetch_chunk, file_crc
 
 __all__ = ["Daemon", "run_daemon"]
@@ -46,6 +51,8 @@ class _Load:
     location: str
     done: int = 0
     total: int = 0
+    from_origin: int = 0
+    from_peers: int = 0
     subscribers: set[asyncio.Queue[tuple[int, int]]] = field(default_factory=set)
     task: asyncio.Task[p.Ready] | None = None
 
@@ -64,13 +71,57 @@ class _Counters:
     misses: int = 0
     integrity_failures: int = 0
     loads_failed: int = 0
+    peer_failures: int = 0
+    corrupt_from_peers: int = 0
+
+
+@dataclass
+class _FetchJob:
+    """The state one fetch of missing files shares between its chunk tasks."""
+
+    load: _Load
+    source: Source
+    manifest: Manifest
+    fp: str
+    base: dict[str, int] = field(default_factory=dict)  # file -> index of its first chunk
+    total_chunks: int = 0
+    running: set[concurrent.futures.Future[int]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.base = self.bases(self.manifest)
+        self.total_chunks = sum(-(-f.size // self.manifest.chunk_size) for f in self.manifest.files)
+
+    @staticmethod
+    def bases(manifest: Manifest) -> dict[str, int]:
+        """Each file's first chunk in the model-wide chunk numbering of the directory."""
+        out, n = {}, 0
+        for f in manifest.files:
+            out[f.path] = n
+            n += -(-f.size // manifest.chunk_size)
+        return out
+
+
+def _fetch_from_peer(
+    peers: PeerClient, address: str, fp: str, fill: FileFill, chunk: Chunk, crc: int
+) -> int:
+    view = fill.view[chunk.offset : chunk.offset + chunk.length]
+    try:
+        return peers.fetch(address, fp, chunk.path, chunk.index, view, crc)
+    finally:
+        view.release()
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.pool = Pool(config.pool_dir, config.max_memory)
+        self.pool = Pool(config.pool_dir, config.max_memory, on_remove=self._on_pool_remove)
         self.counters = _Counters()
+        self.chunks = ChunkTable()
+        self.cluster: Cluster | None = None
+        self.peers: PeerClient | None = None
+        self._peer_server: PeerServer | None = None
+        self._fingerprints: dict[str, str] = {}  # model id -> cluster fingerprint
+        self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
         self._loads: dict[str, _Load] = {}
         self._manifests: dict[str, Manifest] = {}
@@ -88,6 +139,8 @@ class Daemon:
         )
         if adopted:
             log.info("adopted %d verified bytes from a previous run", adopted)
+        if self.config.etcd:
+            await self._start_cluster()
         path = self.config.socket
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         _claim_socket_path(path)
@@ -100,6 +153,50 @@ class Daemon:
             self.config.max_memory,
             ", ".join(self._roots) or "(none)",
         )
+
+    async def _start_cluster(self) -> None:
+        cfg = self.config
+        secret = cfg.cluster_secret()
+        server = TcpPeerServer(cfg.listen, self.chunks, node="?", secret=secret)
+        self._peer_server = server
+        host, _, port = server.address.rpartition(":")
+        advertise = cfg.advertise or (
+            f"{socket.gethostname()}:{port}" if host in ("0.0.0.0", "::") else server.address
+        )
+        node_id = cfg.node_id or advertise
+        server._node = node_id
+        self.peers = TcpPeerClient(
+            node=node_id, secret=secret, connections=cfg.peer_connections, timeout=cfg.peer_timeout
+        )
+
+        def info() -> NodeInfo:
+            return NodeInfo(
+                node_id,
+                advertise,
+                cfg.max_memory,
+                self.pool.used_bytes,
+                self.counters.bytes_from_origin,
+                self.counters.bytes_from_peers,
+                self.chunks.bytes_served,
+            )
+
+        self.cluster = Cluster(list(cfg.etcd), cfg.cluster, info, ttl=cfg.lease_ttl)
+        self.cluster.start()
+        if not await self.cluster.wait_healthy(5.0):
+            log.warning("etcd %s not reachable yet: running alone until it is", ",".join(cfg.etcd))
+        log.info("node %s in cluster %s, peers connect to %s", node_id, cfg.cluster, advertise)
+
+    def _on_pool_remove(self, f: PoolFile) -> None:
+        fp = self._fingerprints.get(f.model)
+        if fp is None:
+            return
+        self.chunks.remove_file(fp, f.rel)
+        if self.cluster is not None:
+            manifest = self._manifests.get(f.model)
+            if manifest is not None:
+                base = _FetchJob.bases(manifest)[f.rel]
+                n = -(-f.size // manifest.chunk_size)
+                self.cluster.drop(fp, list(range(base, base + n)))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -115,6 +212,12 @@ class Daemon:
             await self.close()
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()  # deregister first: peers stop asking us
+        if self._peer_server is not None:
+            self._peer_server.close()
+        if self.peers is not None:
+            self.peers.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -127,6 +230,7 @@ class Daemon:
         for src in self._sources.values():
             src.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.chunks.close()
         log.info("stopped")
 
     # -- access control ------------------------------------------------------------------------
@@ -198,6 +302,8 @@ class Daemon:
             ),
         )
         self._manifests[load.model] = manifest
+        if self.cluster is not None:
+            self._advertise_ready(load.model, manifest)
         self.pool.busy[load.model] = self.pool.busy.get(load.model, 0) + 1
         try:
             missing = [f for f in manifest.files if not self._fresh(load.model, f)]
@@ -226,11 +332,32 @@ class Daemon:
             model=load.model,
             manifest=manifest,
             files=files,
-            bytes_from_origin=load.total,
-            bytes_from_peers=0,
+            bytes_from_origin=load.from_origin,
+            bytes_from_peers=load.from_peers,
             bytes_from_pool=from_pool,
             seconds=time.perf_counter() - start,
         )
+
+    def _advertise_ready(self, model: str, manifest: Manifest) -> None:
+        """Serve the model's complete pool files to peers (adopted or loaded earlier)."""
+        assert self.cluster is not None
+        fp = self._fingerprints[model] = fingerprint(manifest)
+        bases = _FetchJob.bases(manifest)
+        self.cluster.join(fp, sum(-(-f.size // manifest.chunk_size) for f in manifest.files))
+        for entry in manifest.files:
+            pf = self.pool.get(model, entry.path)
+            if not self._fresh(model, entry) or pf is None or self.chunks.has_file(fp, entry.path):
+                continue
+            if pf.chunk_size != manifest.chunk_size:
+                continue  # recorded under another chunk size: the CRCs do not line up
+            fd = os.open(pf.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.chunks.add_file(fp, entry.path, fd)
+            finally:
+                os.close(fd)
+            for c, crc in zip(manifest.chunks(entry.path), pf.chunk_crcs, strict=True):
+                self.chunks.add_chunk(fp, entry.path, c.index, c.offset, c.length, crc)
+                self.cluster.mark_held(fp, bases[entry.path] + c.index, crc)
 
     def _fresh(self, model: str, entry: FileEntry) -> bool:
         """Is the pool's copy ready and still the source's current file?"""
@@ -262,30 +389,37 @@ class Daemon:
     async def _fetch(
         self, load: _Load, source: Source, manifest: Manifest, missing: list[FileEntry]
     ) -> None:
-        loop = asyncio.get_running_loop()
         pool_files = await self._reserve(load.model, manifest, missing)
+        job = _FetchJob(load, source, manifest, fingerprint(manifest))
         fills: dict[str, FileFill] = {}
-        pending: list[asyncio.Future[int]] = []
+        tasks: list[asyncio.Task[int]] = []
         last_publish = 0.0
         try:
+            if self.cluster is not None:
+                self._fingerprints[load.model] = job.fp
+                self.cluster.join(job.fp, job.total_chunks)
+                # Let the other nodes loading this model announce themselves before
+                # ownership is computed, so each chunk leaves the origin about once.
+                if self.cluster.healthy:
+                    await asyncio.sleep(self.cluster.publish_interval * 3)
             for pf in pool_files:
-                fills[pf.rel] = FileFill(self.pool.create_partial(pf), pf.size)
-            per_file: dict[str, list[asyncio.Future[int]]] = {}
+                fd = self.pool.create_partial(pf)
+                fills[pf.rel] = FileFill(fd, pf.size)
+                if self.cluster is not None:
+                    self.chunks.add_file(job.fp, pf.rel, fd)
+            per_file: dict[str, list[asyncio.Task[int]]] = {}
             for entry in missing:
-                fill = fills[entry.path]
-                futs = [
-                    loop.run_in_executor(self._executor, fetch_chunk, source, fill, chunk)
+                per_file[entry.path] = [
+                    asyncio.ensure_future(self._obtain(job, fills[entry.path], chunk))
                     for chunk in manifest.chunks(entry.path)
                 ]
-                per_file[entry.path] = futs
-                pending.extend(futs)
+                tasks.extend(per_file[entry.path])
             for entry, pf in zip(missing, pool_files, strict=True):
                 chunks = manifest.chunks(entry.path)
                 crcs = []
-                for chunk, fut in zip(chunks, per_file[entry.path], strict=True):
-                    crcs.append(await fut)
+                for chunk, task in zip(chunks, per_file[entry.path], strict=True):
+                    crcs.append(await task)
                     load.done += chunk.length
-                    self.counters.bytes_from_origin += chunk.length
                     now = time.monotonic()
                     if now - last_publish >= PROGRESS_INTERVAL:
                         last_publish = now
@@ -300,10 +434,15 @@ class Daemon:
                 self.pool.commit(pf, manifest.chunk_size, crcs, actual)
             load.publish()
         except BaseException:
-            for fut in pending:
-                fut.cancel()
-            # Running reads write into the mappings: let them finish before unmapping.
-            await asyncio.gather(*pending, return_exceptions=True)
+            for t in tasks:
+                t.cancel()
+            # Reads still running write into the mappings: let them end before unmapping.
+            running = [f for f in job.running if not f.done()]
+            if running:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, concurrent.futures.wait, running
+                )
+            await asyncio.gather(*tasks, return_exceptions=True)
             for pf in pool_files:
                 if pf.state is FileState.FILLING:
                     self.pool.discard(pf)
@@ -311,6 +450,74 @@ class Daemon:
         finally:
             for fill in fills.values():
                 fill.close()
+
+    async def _in_worker(self, job: _FetchJob, fn: Callable[..., int], *args: object) -> int:
+        """Run a blocking read in a worker, tracked so a failed load can wait for it."""
+        cf = self._executor.submit(fn, *args)
+        job.running.add(cf)
+        try:
+            return await asyncio.wrap_future(cf)
+        finally:
+            job.running.discard(cf)
+
+    async def _obtain(self, job: _FetchJob, fill: FileFill, chunk: Chunk) -> int:
+        """One chunk into the pool mapping, from a peer that holds it or from the origin."""
+        index = job.base[chunk.path] + chunk.index
+        cluster = self.cluster
+        failed: set[str] = set()
+        deadline: float | None = None
+        while cluster is not None and cluster.healthy:
+            holders = {n: c for n, c in cluster.holders(job.fp, index).items() if n not in failed}
+            if holders:
+                node = min(holders, key=lambda n: (self._inflight.get(n, 0), random.random()))
+                address = cluster.address(node)
+                if address is None:
+                    failed.add(node)
+                    continue
+                self._inflight[node] = self._inflight.get(node, 0) + 1
+                try:
+                    crc = await self._in_worker(
+                        job,
+                        _fetch_from_peer,
+                        self.peers,
+                        address,
+                        job.fp,
+                        fill,
+                        chunk,
+                        holders[node],
+                    )
+                except PeerError as e:
+                    failed.add(node)
+                    self.counters.peer_failures += 1
+                    if e.corrupt:
+                        self.counters.corrupt_from_peers += 1
+                    log.warning("%s; retrying %s chunk %d elsewhere", e, chunk.path, chunk.index)
+                    continue
+                finally:
+                    self._inflight[node] -= 1
+                self.counters.bytes_from_peers += chunk.length
+                job.load.from_peers += chunk.length
+                self._held(job, chunk, index, crc)
+                return crc
+            owner = cluster.owner(job.fp, f"{job.fp}/{index}")
+            if owner == cluster.node_id or owner in failed:
+                break  # ours to fetch, or the owner already failed us: go to the origin
+            now = time.monotonic()
+            deadline = deadline or now + self.config.peer_timeout
+            if now >= deadline:
+                log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
+                break
+            await cluster.wait_change(min(deadline - now, 1.0))
+        crc = await self._in_worker(job, fetch_chunk, job.source, fill, chunk)
+        self.counters.bytes_from_origin += chunk.length
+        job.load.from_origin += chunk.length
+        self._held(job, chunk, index, crc)
+        return crc
+
+    def _held(self, job: _FetchJob, chunk: Chunk, index: int, crc: int) -> None:
+        if self.cluster is not None:
+            self.chunks.add_chunk(job.fp, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
+            self.cluster.mark_held(job.fp, index, crc)
 
     # -- the local API ---------------------------------------------------------------------------
     async def _serve_client(
@@ -457,6 +664,52 @@ class Daemon:
             "integrity_failures": c.integrity_failures,
             "loads_failed": c.loads_failed,
             "clients": self._clients,
+            "bytes_served_to_peers": self.chunks.bytes_served,
+            "peer_failures": c.peer_failures,
+            "corrupt_chunks_from_peers": c.corrupt_from_peers,
+            "models": models,
+            "cluster": self._cluster_status(),
+        }
+
+    def _cluster_status(self) -> dict[str, object] | None:
+        cl = self.cluster
+        if cl is None:
+            return None
+        me = cl._node_info()
+        nodes = [me, *cl.live_peers()]
+        models = []
+        for mid, fp in sorted(self._fingerprints.items()):
+            copies = cl.copies(fp)
+            manifest = self._manifests.get(mid)
+            models.append(
+                {
+                    "path": manifest.source if manifest else "",
+                    "fingerprint": fp,
+                    "chunks": len(copies),
+                    "min_copies": min(copies, default=0),
+                    "max_copies": max(copies, default=0),
+                    "copies": copies,
+                }
+            )
+        return {
+            "name": cl.name,
+            "node_id": cl.node_id,
+            "healthy": cl.healthy,
+            "etcd": list(cl.endpoints),
+            "etcd_errors": cl.etcd_errors,
+            "nodes": [
+                {
+                    "id": n.id,
+                    "address": n.address,
+                    "capacity_bytes": n.capacity,
+                    "used_bytes": n.used,
+                    "alive": True,
+                    "bytes_from_origin": n.bytes_from_origin,
+                    "bytes_from_peers": n.bytes_from_peers,
+                    "bytes_served_to_peers": n.bytes_served,
+                }
+                for n in sorted(nodes, key=lambda n: n.id)
+            ],
             "models": models,
         }
 

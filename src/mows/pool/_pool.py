@@ -81,7 +81,15 @@ class WouldWait(Exception):
 
 
 class Pool:
-    def __init__(self, root: str, capacity: int, *, dir_mode: int = 0o750, file_mode: int = 0o640):
+    def __init__(
+        self,
+        root: str,
+        capacity: int,
+        *,
+        dir_mode: int = 0o750,
+        file_mode: int = 0o640,
+        on_remove: Callable[[PoolFile], None] | None = None,
+    ):
         self.root = os.path.abspath(root)
         self.capacity = capacity
         self.dir_mode = dir_mode
@@ -91,6 +99,7 @@ class Pool:
         self.expected: dict[str, dict[str, int]] = {}  # model id -> {file: size} of the model
         self.pins: dict[str, int] = {}  # model id -> client pins
         self.busy: dict[str, int] = {}  # model id -> loads in progress
+        self.on_remove = on_remove  # told of every file leaving the pool (evicted, discarded)
         self.used_bytes = 0
         self.evictions = 0
         self.evicted_bytes = 0
@@ -198,6 +207,8 @@ class Pool:
         self._remove(f)
 
     def _remove(self, f: PoolFile) -> None:
+        if self.on_remove is not None:
+            self.on_remove(f)
         self.files.pop((f.model, f.rel), None)
         self.used_bytes -= f.reserved
         for p in (f.path, f.partial_path):

@@ -6,12 +6,14 @@ One contract test suite runs against every implementation (``--nic tcp``; UCX wo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = ["ChunkStore", "PeerClient", "PeerServer", "ServedChunk"]
 
 
-class ServedChunk(Protocol):
+@dataclass(frozen=True)
+class ServedChunk:
     fd: int  # a descriptor the server owns and closes after sending
     offset: int
     length: int

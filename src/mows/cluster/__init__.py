@@ -1,0 +1,8 @@
+"""Cluster mode: membership and the chunk directory in etcd, placement by rendezvous hashing."""
+
+from __future__ import annotations
+
+from ._directory import Cluster, Holding, NodeInfo, fingerprint
+from ._placement import owner, rendezvous_score
+
+__all__ = ["Cluster", "Holding", "NodeInfo", "fingerprint", "owner", "rendezvous_score"]

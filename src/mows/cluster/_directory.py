@@ -1,0 +1,339 @@
+"""Membership and the chunk directory, kept in etcd v3.
+
+Layout under ``/mows/<cluster>/`` (all values msgpack; bytes never pass through etcd):
+  nodes/<node>              NodeInfo, under the node's lease: a dead node vanishes in one TTL
+  holdings/<model>/<node>   which chunks of a model the node holds (a compressed bitmap) and
+                            their CRC-32s, under the same lease; written in batches
+A model is keyed by its fingerprint (file names, sizes, CRCs, chunk size), so nodes that mount
+the same storage at different paths still share. Ownership is computed, never stored.
+
+When etcd is unreachable the view turns unhealthy: loads fall back to origin and local
+clients are served as before; a background task reconnects, re-registers and republishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .._errors import ProtocolError
+from ..manifest import Manifest
+from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
+from ._placement import owner
+
+__all__ = ["Cluster", "Holding", "NodeInfo", "fingerprint"]
+
+log = logging.getLogger("mows.cluster")
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """The model's identity across the cluster: what its bytes are, not where it is mounted."""
+    h = hashlib.sha256(str(manifest.chunk_size).encode())
+    for f in manifest.files:
+        h.update(f"\0{f.path}\0{f.size}\0{f.crc32}\0{f.mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    id: str
+    address: str
+    capacity: int
+    used: int = 0
+    bytes_from_origin: int = 0
+    bytes_from_peers: int = 0
+    bytes_served: int = 0
+
+
+class Holding(msgspec.Struct, frozen=True):
+    node: str
+    chunks: int
+    held: bytes  # encode_bitmap
+    crcs: bytes  # encode_crcs
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec_node = msgspec.msgpack.Decoder(NodeInfo)
+_dec_holding = msgspec.msgpack.Decoder(Holding)
+
+
+class _Model:
+    """What this node knows of one model: its own chunks and every live node's."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.mine: dict[int, int] = {}  # chunk -> crc
+        self.others: dict[str, tuple[set[int], list[int]]] = {}  # node -> (held, crcs)
+
+
+class Cluster:
+    def __init__(
+        self,
+        endpoints: list[str],
+        name: str,
+        node_info: Callable[[], NodeInfo],
+        *,
+        ttl: int = 5,
+        publish_interval: float = 0.2,
+    ) -> None:
+        self.endpoints = endpoints
+        self.name = name
+        self.prefix = f"/mows/{name}/".encode()
+        self._node_info = node_info
+        self.node_id = node_info().id
+        self.ttl = ttl
+        self.publish_interval = publish_interval
+        self.healthy = False
+        self.etcd_errors = 0
+        self.nodes: dict[str, NodeInfo] = {}
+        self.models: dict[str, _Model] = {}
+        self._dirty: set[str] = set()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client: Any = None
+        self._lease: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.healthy
+
+    async def close(self) -> None:
+        """Deregister (revoke the lease, removing our keys at once) and stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lease.revoke(), 2)
+        await self._drop_client()
+
+    async def _drop_client(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.close(), 2)
+        self._client = None
+
+    async def _run(self) -> None:
+        """Connect, register, follow the directory; on any etcd failure, retry."""
+        import aetcd
+
+        delay = 0.5
+        while True:
+            endpoint = self.endpoints[self.etcd_errors % len(self.endpoints)]
+            host, _, port = endpoint.removeprefix("http://").rpartition(":")
+            try:
+                self._client = aetcd.Client(host=host, port=int(port), timeout=3)
+                await self._client.connect()
+                self._lease = await self._client.lease(self.ttl)
+                await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
+                self._dirty.update(self.models)
+                await self._publish_dirty()
+                revision = await self._load_snapshot()
+                self._set_healthy(True)
+                delay = 0.5
+                await self._follow(revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # aetcd/grpc errors of every kind: translate to "unhealthy"
+                self.etcd_errors += 1
+                if self.healthy:
+                    log.warning(
+                        "etcd %s failed (%s): serving locally, loads use origin", endpoint, e
+                    )
+                self._set_healthy(False)
+                await self._drop_client()
+                self._lease = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            log.info("cluster %s: %s", self.name, "connected" if healthy else "disconnected")
+        self.healthy = healthy
+        if not healthy:
+            self.nodes.clear()
+            for m in self.models.values():
+                m.others.clear()
+        self._notify()
+
+    async def _put(self, key: str, value: bytes) -> None:
+        await self._client.put(self.prefix + key.encode(), value, lease=self._lease)
+
+    async def _load_snapshot(self) -> int:
+        result = await self._client.get_prefix(self.prefix)
+        self.nodes.clear()
+        for m in self.models.values():
+            m.others.clear()
+        for kv in result:
+            self._apply(kv.key, kv.value, deleted=False)
+        return int(result.header.revision)
+
+    async def _follow(self, revision: int) -> None:
+        watch = await self._client.watch_prefix(self.prefix, start_revision=revision + 1)
+        keepalive = asyncio.ensure_future(self._keepalive())
+        publisher = asyncio.ensure_future(self._publisher())
+        try:
+            events = asyncio.ensure_future(self._consume(watch))
+            done, _ = await asyncio.wait(
+                {keepalive, publisher, events}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                t.result()  # re-raise the failure that ended the session
+            raise ConnectionError("etcd watch ended")
+        finally:
+            for t in (keepalive, publisher):
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+
+    async def _consume(self, watch: Any) -> None:
+        async for ev in watch:
+            self._apply(ev.kv.key, ev.kv.value, deleted=str(ev.kind).endswith("DELETE"))
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            await asyncio.wait_for(self._lease.refresh(), self.ttl / 2)
+
+    async def _publisher(self) -> None:
+        last_info = 0.0
+        while True:
+            await asyncio.sleep(self.publish_interval)
+            await self._publish_dirty()
+            if time.monotonic() - last_info >= 1.0:
+                last_info = time.monotonic()
+                await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
+
+    async def _publish_dirty(self) -> None:
+        while self._dirty:
+            fp = self._dirty.pop()
+            m = self.models.get(fp)
+            if m is None:
+                continue
+            rec = Holding(
+                self.node_id,
+                m.chunks,
+                encode_bitmap(m.mine, m.chunks),
+                encode_crcs(m.mine, m.chunks),
+            )
+            try:
+                await self._put(f"holdings/{fp}/{self.node_id}", _enc.encode(rec))
+            except BaseException:
+                self._dirty.add(fp)
+                raise
+
+    def _apply(self, key: bytes, value: bytes, *, deleted: bool) -> None:
+        parts = key[len(self.prefix) :].decode(errors="replace").split("/")
+        try:
+            if parts[0] == "nodes" and len(parts) == 2:
+                if deleted:
+                    self.nodes.pop(parts[1], None)
+                    for m in self.models.values():
+                        m.others.pop(parts[1], None)
+                else:
+                    self.nodes[parts[1]] = _dec_node.decode(value)
+            elif parts[0] == "holdings" and len(parts) == 3:
+                fp, node = parts[1], parts[2]
+                if node == self.node_id:
+                    return
+                if deleted:
+                    if fp in self.models:
+                        self.models[fp].others.pop(node, None)
+                    return
+                rec = _dec_holding.decode(value)
+                m = self.models.setdefault(fp, _Model(rec.chunks))
+                if rec.chunks != m.chunks:
+                    raise ProtocolError(f"{rec.chunks} chunks, expected {m.chunks}")
+                m.others[node] = (
+                    decode_bitmap(rec.held, rec.chunks),
+                    decode_crcs(rec.crcs, rec.chunks),
+                )
+        except (msgspec.DecodeError, ProtocolError) as e:
+            log.warning("ignoring malformed directory entry %r: %s", key, e)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- what the fetch scheduler asks ------------------------------------------------------------
+    def join(self, fp: str, chunks: int) -> None:
+        """Say we want this model (an empty holding counts as interest in ownership)."""
+        existing = self.models.get(fp)
+        if existing is None or existing.chunks != chunks:
+            self.models[fp] = _Model(chunks)
+        self._dirty.add(fp)
+
+    def mark_held(self, fp: str, index: int, crc: int) -> None:
+        m = self.models[fp]
+        m.mine[index] = crc
+        self._dirty.add(fp)
+
+    def drop(self, fp: str, indexes: list[int]) -> None:
+        m = self.models.get(fp)
+        if m is not None:
+            for i in indexes:
+                m.mine.pop(i, None)
+            self._dirty.add(fp)
+
+    def live_peers(self) -> list[NodeInfo]:
+        return [n for nid, n in self.nodes.items() if nid != self.node_id]
+
+    def holders(self, fp: str, index: int) -> dict[str, int]:
+        """Live nodes (not us) holding the chunk -> the CRC each published for it."""
+        m = self.models.get(fp)
+        if m is None or not self.healthy:
+            return {}
+        return {
+            node: crcs[index]
+            for node, (held, crcs) in m.others.items()
+            if index in held and node in self.nodes
+        }
+
+    def owner(self, fp: str, key: str) -> str:
+        """The live, interested node that should fetch ``key`` from origin (us if unsure)."""
+        m = self.models.get(fp)
+        if not self.healthy or m is None:
+            return self.node_id
+        members = [(self.node_id, float(self._node_info().capacity))]
+        members += [(nid, float(self.nodes[nid].capacity)) for nid in m.others if nid in self.nodes]
+        return owner(key, members) or self.node_id
+
+    def address(self, node: str) -> str | None:
+        info = self.nodes.get(node)
+        return info.address if info else None
+
+    async def wait_change(self, timeout: float) -> bool:
+        """Wait for any directory change; False on timeout."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def copies(self, fp: str) -> list[int]:
+        """How many live nodes (us included) hold each chunk of the model."""
+        m = self.models.get(fp)
+        if m is None:
+            return []
+        counts = [0] * m.chunks
+        for i in m.mine:
+            counts[i] += 1
+        for node, (held, _) in m.others.items():
+            if node in self.nodes:
+                for i in held:
+                    counts[i] += 1
+        return counts
