@@ -164,6 +164,7 @@ class TcpPeerClient(PeerClient):
                     self._count[address] += 1
                     break
                 self._cond.wait()
+        sock: socket.socket | None = None
         try:
             host, port = split_address(address)
             sock = socket.create_connection((host, port), timeout=self._timeout)
@@ -171,6 +172,8 @@ class TcpPeerClient(PeerClient):
             client_handshake(sock, self._node, self._secret, address)
             return sock
         except BaseException as e:
+            if sock is not None:
+                sock.close()
             with self._cond:
                 self._count[address] -= 1
                 self._cond.notify()

@@ -1,0 +1,189 @@
+"""Cluster mode with a real etcd and several real daemons on loopback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mows
+from mows.client import Session
+from tests.daemons import DaemonProcess, generate_crc32, make_random_model
+from tests.integration.test_daemon import _wait, assert_same_as_files, client
+
+FAST = ["--lease-ttl", "2", "--peer-timeout", "5", "--listen", "127.0.0.1:0"]
+
+
+def start_nodes(factory: Any, etcd: Any, root: Path, n: int, *extra: str) -> list[DaemonProcess]:
+    nodes = [
+        factory(roots=[root], extra=["--etcd", etcd.endpoint, "--cluster", "t", *FAST, *extra])
+        for _ in range(n)
+    ]
+    _wait(lambda: all(len(d.status()["cluster"]["nodes"]) >= n for d in nodes), timeout=15)
+    return nodes
+
+
+def load_all(nodes: list[DaemonProcess], model: Path) -> None:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mows",
+                "load",
+                "--json",
+                "--no-progress",
+                "--socket",
+                d.socket,
+                str(model),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for d in nodes
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+
+
+def test_cold_simultaneous_load_reads_origin_once(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    model = make_random_model(tmp_path / "m", 48, files=3)
+    generate_crc32(model)
+    nodes = start_nodes(daemon_factory, etcd, tmp_path, 3)
+    load_all(nodes, model)
+    statuses = [d.status() for d in nodes]
+    size = statuses[0]["models"][0]["bytes"]
+    origin = sum(s["bytes_from_origin"] for s in statuses)
+    assert origin <= 1.05 * size, [s["bytes_from_origin"] for s in statuses]
+    served = [s["bytes_served_to_peers"] for s in statuses]
+    assert sum(served) >= (len(nodes) - 1) * size * 0.95
+    assert max(served) <= 1.5 * (sum(served) / len(served)), served
+    for d in nodes:
+        r = client(
+            """
+            sd = mows.load_state_dict(sys.argv[2], socket=sock, fallback=False)
+            print(len(sd))
+            """,
+            d.socket,
+            str(model),
+        )
+        assert r.returncode == 0, r.stderr
+    # bitwise, on every node, in this process
+    for d in nodes:
+        assert_same_as_files(mows.load_state_dict(model, socket=d.socket, fallback=False), model)
+    cl = statuses[0]["cluster"]
+    assert cl["healthy"] and len(cl["nodes"]) == 3
+    assert all(n["alive"] for n in cl["nodes"])
+    assert cl["models"][0]["min_copies"] >= 1
+
+
+def test_warm_scale_out_reads_no_origin(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    model = make_random_model(tmp_path / "m", 32, files=2)
+    nodes = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all(nodes, model)
+    new = start_nodes(daemon_factory, etcd, tmp_path, 1)[0]
+    _wait(lambda: len(new.status()["cluster"]["nodes"]) == 3)
+    with mows.open_model(model, socket=new.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == 0
+        assert h.stats["bytes_from_peers"] == h.stats["bytes"]
+        assert_same_as_files(h.state_dict(), model)
+
+
+def test_peer_killed_mid_transfer(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    model = make_random_model(tmp_path / "m", 192, files=2)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all([a], model)
+    session = Session(b.socket)
+    killed = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done > 0 and not killed.is_set():
+            killed.set()
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGKILL)
+
+    ready = session.open(str(model), progress=progress, pin=False)
+    session.close()
+    assert killed.is_set()
+    assert ready.bytes_from_peers + ready.bytes_from_origin == ready.manifest.total_bytes
+    assert ready.bytes_from_origin > 0  # the rest came from origin after the peer died
+    assert_same_as_files(mows.load_state_dict(model, socket=b.socket, fallback=False), model)
+    _wait(lambda: len(b.status()["cluster"]["nodes"]) == 1, timeout=15)
+
+
+def test_corrupt_peer_bytes_are_refetched(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    model = make_random_model(tmp_path / "m", 16, files=1)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all([a], model)
+    shard = next(a.pool_dir.rglob("*.safetensors"))
+    with open(shard, "r+b") as f:  # rot one byte of A's pool copy behind its back
+        f.seek(3 * 2**20 + 17)
+        byte = f.read(1)
+        f.seek(3 * 2**20 + 17)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with mows.open_model(model, socket=b.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == 2**20  # exactly the bad chunk, again
+        assert_same_as_files(h.state_dict(), model)
+    st = b.status()
+    assert st["corrupt_chunks_from_peers"] == 1
+    assert st["peer_failures"] >= 1
+
+
+def test_etcd_outage_and_recovery(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    first = make_random_model(tmp_path / "first", 8, files=1, seed=1)
+    second = make_random_model(tmp_path / "second", 8, files=1, seed=2)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all([a, b], first)
+    etcd.stop()
+    _wait(lambda: not b.status()["cluster"]["healthy"], timeout=15)
+    # Local clients are still served; new loads fall back to origin.
+    assert_same_as_files(mows.load_state_dict(first, socket=a.socket, fallback=False), first)
+    with mows.open_model(second, socket=b.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == h.stats["bytes"]
+        assert_same_as_files(h.state_dict(), second)
+    etcd.start()
+    _wait(lambda: all(d.status()["cluster"]["healthy"] for d in (a, b)), timeout=30)
+    _wait(lambda: len(a.status()["cluster"]["nodes"]) == 2, timeout=15)
+    # After recovery, A gets the second model from B, not from origin.
+    with mows.open_model(second, socket=a.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == 0
+
+
+def test_wrong_secret_is_refused(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    good = tmp_path / "good.secret"
+    good.write_text("correct horse battery staple")
+    bad = tmp_path / "bad.secret"
+    bad.write_text("incorrect horse battery staple")
+    model = make_random_model(tmp_path / "m", 8, files=1)
+    a = start_nodes(daemon_factory, etcd, tmp_path, 1, "--cluster-secret-file", str(good))[0]
+    load_all([a], model)
+    b = start_nodes(daemon_factory, etcd, tmp_path, 1, "--cluster-secret-file", str(bad))[0]
+    _wait(lambda: len(b.status()["cluster"]["nodes"]) == 2)
+    with mows.open_model(model, socket=b.socket, fallback=False) as h:
+        assert h.stats["bytes_from_peers"] == 0
+        assert h.stats["bytes_from_origin"] == h.stats["bytes"]
+    assert b.status()["peer_failures"] >= 1
+    assert a.status()["bytes_served_to_peers"] == 0
+
+
+@pytest.mark.parametrize("n", [4])
+def test_four_nodes_balance(daemon_factory: Any, etcd: Any, tmp_path: Path, n: int) -> None:
+    model = make_random_model(tmp_path / "m", 64, files=4)
+    nodes = start_nodes(daemon_factory, etcd, tmp_path, n)
+    load_all(nodes, model)
+    statuses = [d.status() for d in nodes]
+    size = statuses[0]["models"][0]["bytes"]
+    assert sum(s["bytes_from_origin"] for s in statuses) <= 1.05 * size
+    served = [s["bytes_served_to_peers"] for s in statuses]
+    assert max(served) <= 1.5 * sum(served) / n, served
+    copies = statuses[0]["cluster"]["models"][0]["copies"]
+    assert min(copies) == n

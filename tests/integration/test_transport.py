@@ -1,0 +1,137 @@
+"""The peer transport contract, run against every implementation, over real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from mows import PeerError, crc32
+from mows.transport import ServedChunk, TcpPeerClient, TcpPeerServer
+
+SECRET = b"s" * 32
+DATA = os.urandom(3 * 2**20 + 123)
+CHUNK = 2**20
+
+
+@dataclass
+class FileStore:
+    """A ChunkStore over a real file, with an optional lie about one chunk's CRC."""
+
+    fd: int
+    wrong_crc: set[int] = field(default_factory=set)
+    sent: int = 0
+
+    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
+        if model != "m" or path != "f.bin" or index * CHUNK >= len(DATA):
+            return None
+        off = index * CHUNK
+        length = min(CHUNK, len(DATA) - off)
+        crc = crc32(DATA[off : off + length]) ^ (1 if index in self.wrong_crc else 0)
+        return ServedChunk(os.dup(self.fd), off, length, crc)
+
+    def served(self, peer: str, nbytes: int) -> None:
+        self.sent += nbytes
+
+
+IMPLEMENTATIONS = ["tcp"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any, FileStore]]:
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        store = FileStore(fh.fileno())
+        server = TcpPeerServer("127.0.0.1:0", store, node="server", secret=SECRET)
+        client = TcpPeerClient(node="client", secret=SECRET, timeout=5)
+        try:
+            yield server, client, store
+        finally:
+            client.close()
+            server.close()
+
+
+def test_fetches_every_chunk_bitwise(pair: tuple[Any, Any, FileStore]) -> None:
+    server, client, store = pair
+    out = bytearray(len(DATA))
+    view = memoryview(out)
+    for i in range(4):
+        off = i * CHUNK
+        dest = view[off : min(off + CHUNK, len(DATA))]
+        assert client.fetch(server.address, "m", "f.bin", i, dest, None) == crc32(dest)
+    assert bytes(out) == DATA
+    assert store.sent == len(DATA)
+
+
+def test_missing_chunk_is_a_peer_error(pair: tuple[Any, Any, FileStore]) -> None:
+    server, client, _ = pair
+    with pytest.raises(PeerError, match="not held"):
+        client.fetch(server.address, "m", "other.bin", 0, memoryview(bytearray(CHUNK)), None)
+    # The connection stays usable.
+    buf = bytearray(CHUNK)
+    client.fetch(server.address, "m", "f.bin", 0, memoryview(buf), None)
+    assert bytes(buf) == DATA[:CHUNK]
+
+
+def test_bad_bytes_are_detected(pair: tuple[Any, Any, FileStore]) -> None:
+    server, client, store = pair
+    store.wrong_crc.add(1)
+    with pytest.raises(PeerError, match="CRC") as e:
+        client.fetch(server.address, "m", "f.bin", 1, memoryview(bytearray(CHUNK)), None)
+    assert e.value.corrupt
+    with pytest.raises(PeerError, match="CRC"):
+        client.fetch(server.address, "m", "f.bin", 2, memoryview(bytearray(CHUNK)), 12345)
+
+
+def test_wrong_secret_gets_nothing(pair: tuple[Any, Any, FileStore]) -> None:
+    server, _, store = pair
+    intruder = TcpPeerClient(node="intruder", secret=b"x" * 32, timeout=5)
+    with pytest.raises(PeerError, match="secret|authentication"):
+        intruder.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
+    nosecret = TcpPeerClient(node="anon", secret=None, timeout=5)
+    with pytest.raises(PeerError):
+        nosecret.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
+    assert store.sent == 0
+
+
+def test_malformed_frames_drop_only_that_connection(pair: tuple[Any, Any, FileStore]) -> None:
+    server, client, _ = pair
+    host, port = server.address.rsplit(":", 1)
+    for junk in (struct.pack(">I", 2**30) + b"x", b"\x00\x00\x00\x03abc", os.urandom(512)):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(junk)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+    buf = bytearray(CHUNK)
+    client.fetch(server.address, "m", "f.bin", 0, memoryview(buf), None)
+    assert bytes(buf) == DATA[:CHUNK]
+
+
+def test_dead_peer_is_a_peer_error() -> None:
+    client = TcpPeerClient(node="c", secret=SECRET, timeout=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PeerError, match="cannot connect"):
+        client.fetch(f"127.0.0.1:{port}", "m", "f.bin", 0, memoryview(bytearray(8)), None)
+
+
+def test_no_secret_means_loopback_only() -> None:
+    with tempfile.TemporaryFile() as fh:
+        server = TcpPeerServer("0.0.0.0:0", FileStore(fh.fileno()), node="s", secret=None)
+        try:
+            assert server.address.startswith("127.0.0.1:")
+        finally:
+            server.close()
