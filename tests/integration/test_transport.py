@@ -93,7 +93,7 @@ def test_bad_bytes_are_detected(pair: tuple[Any, Any, FileStore]) -> None:
 def test_wrong_secret_gets_nothing(pair: tuple[Any, Any, FileStore]) -> None:
     server, _, store = pair
     intruder = TcpPeerClient(node="intruder", secret=b"x" * 32, timeout=5)
-    with pytest.raises(PeerError, match="secret|authentication"):
+    with pytest.raises(PeerError, match=r"secret|authentication"):
         intruder.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
     nosecret = TcpPeerClient(node="anon", secret=None, timeout=5)
     with pytest.raises(PeerError):
