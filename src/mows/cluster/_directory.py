@@ -289,6 +289,12 @@ class Cluster:
                 m.mine.pop(i, None)
             self._dirty.add(fp)
 
+    def anyone_holds(self, fp: str) -> bool:
+        m = self.models.get(fp)
+        return m is not None and any(
+            held for node, (held, _) in m.others.items() if node in self.nodes
+        )
+
     def live_peers(self) -> list[NodeInfo]:
         return [n for nid, n in self.nodes.items() if nid != self.node_id]
 

@@ -398,9 +398,10 @@ class Daemon:
             if self.cluster is not None:
                 self._fingerprints[load.model] = job.fp
                 self.cluster.join(job.fp, job.total_chunks)
-                # Let the other nodes loading this model announce themselves before
-                # ownership is computed, so each chunk leaves the origin about once.
-                if self.cluster.healthy:
+                # On a cold cluster, let the other nodes loading this model announce
+                # themselves before ownership is computed, so each chunk leaves the origin
+                # about once. A warm cluster (someone holds chunks already) needs no wait.
+                if self.cluster.healthy and not self.cluster.anyone_holds(job.fp):
                     await asyncio.sleep(self.cluster.publish_interval * 3)
             for pf in pool_files:
                 fd = self.pool.create_partial(pf)
