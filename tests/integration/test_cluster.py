@@ -187,3 +187,17 @@ def test_four_nodes_balance(daemon_factory: Any, etcd: Any, tmp_path: Path, n: i
     assert max(served) <= 1.5 * sum(served) / n, served
     copies = statuses[0]["cluster"]["models"][0]["copies"]
     assert min(copies) == n
+
+
+def test_ucx_transport_in_the_daemon(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    pytest.importorskip("ucxx", reason="--nic ucx needs the mows[ucx] extra")
+    secret = tmp_path / "secret"
+    secret.write_text("a shared secret of some length")
+    model = make_random_model(tmp_path / "m", 16, files=2)
+    nodes = start_nodes(
+        daemon_factory, etcd, tmp_path, 2, "--nic", "ucx", "--cluster-secret-file", str(secret)
+    )
+    load_all(nodes[:1], model)
+    with mows.open_model(model, socket=nodes[1].socket, fallback=False) as h:
+        assert h.stats["bytes_from_peers"] == h.stats["bytes"]
+        assert_same_as_files(h.state_dict(), model)

@@ -40,17 +40,33 @@ class FileStore:
         self.sent += nbytes
 
 
-IMPLEMENTATIONS = ["tcp"]
+def ucx_classes() -> tuple[type[Any], type[Any]]:
+    from mows.transport._ucx import UcxPeerClient, UcxPeerServer
+
+    return UcxPeerServer, UcxPeerClient
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any, FileStore]]:
+def make_client(kind: str, secret: bytes | None) -> Any:
+    cls = TcpPeerClient if kind == "tcp" else ucx_classes()[1]
+    return cls(node="client", secret=secret, timeout=5)
+
+
+@pytest.fixture(params=["tcp", "ucx"])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "ucx":
+        pytest.importorskip("ucxx", reason="--nic ucx needs the mows[ucx] extra")
+    return str(request.param)
+
+
+@pytest.fixture
+def pair(kind: str) -> Iterator[tuple[Any, Any, FileStore]]:
     with tempfile.TemporaryFile() as fh:
         fh.write(DATA)
         fh.flush()
         store = FileStore(fh.fileno())
-        server = TcpPeerServer("127.0.0.1:0", store, node="server", secret=SECRET)
-        client = TcpPeerClient(node="client", secret=SECRET, timeout=5)
+        server_cls = TcpPeerServer if kind == "tcp" else ucx_classes()[0]
+        server = server_cls("127.0.0.1:0", store, node="server", secret=SECRET)
+        client = make_client(kind, SECRET)
         try:
             yield server, client, store
         finally:
@@ -90,18 +106,24 @@ def test_bad_bytes_are_detected(pair: tuple[Any, Any, FileStore]) -> None:
         client.fetch(server.address, "m", "f.bin", 2, memoryview(bytearray(CHUNK)), 12345)
 
 
-def test_wrong_secret_gets_nothing(pair: tuple[Any, Any, FileStore]) -> None:
+def test_wrong_secret_gets_nothing(kind: str, pair: tuple[Any, Any, FileStore]) -> None:
     server, _, store = pair
-    intruder = TcpPeerClient(node="intruder", secret=b"x" * 32, timeout=5)
+    intruder = make_client(kind, b"x" * 32)
     with pytest.raises(PeerError, match=r"secret|authentication"):
         intruder.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
-    nosecret = TcpPeerClient(node="anon", secret=None, timeout=5)
+    nosecret = make_client(kind, None)
     with pytest.raises(PeerError):
         nosecret.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
+    intruder.close()
+    nosecret.close()
     assert store.sent == 0
 
 
-def test_malformed_frames_drop_only_that_connection(pair: tuple[Any, Any, FileStore]) -> None:
+def test_malformed_frames_drop_only_that_connection(
+    kind: str, pair: tuple[Any, Any, FileStore]
+) -> None:
+    if kind != "tcp":
+        pytest.skip("raw bytes can be injected on a TCP socket only; UCX frames are typed")
     server, client, _ = pair
     host, port = server.address.rsplit(":", 1)
     for junk in (struct.pack(">I", 2**30) + b"x", b"\x00\x00\x00\x03abc", os.urandom(512)):
@@ -126,6 +148,14 @@ def test_dead_peer_is_a_peer_error() -> None:
         port = s.getsockname()[1]
     with pytest.raises(PeerError, match="cannot connect"):
         client.fetch(f"127.0.0.1:{port}", "m", "f.bin", 0, memoryview(bytearray(8)), None)
+
+
+def test_ucx_needs_a_secret() -> None:
+    pytest.importorskip("ucxx", reason="--nic ucx needs the mows[ucx] extra")
+    from mows import ConfigError
+
+    with tempfile.TemporaryFile() as fh, pytest.raises(ConfigError, match="secret"):
+        ucx_classes()[0]("127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=None)
 
 
 def test_no_secret_means_loopback_only() -> None:

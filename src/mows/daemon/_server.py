@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -157,7 +158,10 @@ class Daemon:
     async def _start_cluster(self) -> None:
         cfg = self.config
         secret = cfg.cluster_secret()
-        server = TcpPeerServer(cfg.listen, self.chunks, node="?", secret=secret)
+        server_cls, client_cls = _transport(cfg.nic)
+        # The node id is the advertised address unless set, and the address is known only
+        # once the server listens: name the server after the fact.
+        server = server_cls(cfg.listen, self.chunks, node=cfg.node_id or "?", secret=secret)
         self._peer_server = server
         host, _, port = server.address.rpartition(":")
         advertise = cfg.advertise or (
@@ -165,7 +169,7 @@ class Daemon:
         )
         node_id = cfg.node_id or advertise
         server._node = node_id
-        self.peers = TcpPeerClient(
+        self.peers = client_cls(
             node=node_id, secret=secret, connections=cfg.peer_connections, timeout=cfg.peer_timeout
         )
 
@@ -716,6 +720,15 @@ class Daemon:
 
     def _manifest_locations(self) -> dict[str, str]:
         return {mid: m.source for mid, m in self._manifests.items()}
+
+
+def _transport(nic: str) -> tuple[Any, Any]:
+    """The (server, client) classes for ``--nic``; UCX is imported only when chosen."""
+    if nic == "ucx":
+        from ..transport._ucx import UcxPeerClient, UcxPeerServer
+
+        return UcxPeerServer, UcxPeerClient
+    return TcpPeerServer, TcpPeerClient
 
 
 async def _read_request(reader: asyncio.StreamReader) -> p.Request:

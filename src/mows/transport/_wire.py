@@ -19,15 +19,19 @@ from .. import _protocol as frames
 from .._errors import PeerError, ProtocolError
 
 __all__ = [
+    "MAX_PEER_FRAME",
     "PEER_PROTOCOL_VERSION",
     "ChunkHeader",
     "ChunkRequest",
+    "ClientHandshake",
     "PeerAuth",
     "PeerChallenge",
     "PeerFailure",
     "PeerHello",
     "PeerOk",
+    "ServerHandshake",
     "client_handshake",
+    "decode_peer",
     "proof",
     "recv_peer",
     "send_peer",
@@ -89,18 +93,25 @@ def recv_peer(sock: socket.socket) -> PeerMessage:
     n = int.from_bytes(header, "big")
     if n > MAX_PEER_FRAME:
         raise ProtocolError(f"peer frame of {n} bytes exceeds the {MAX_PEER_FRAME} byte limit")
-    body = frames.recv_exact(sock, n)
-    try:
-        msg: PeerMessage = _dec.decode(body)
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed peer message: {e}") from None
-    return msg
+    return decode_peer(frames.recv_exact(sock, n))
 
 
 def proof(secret: bytes | None, role: bytes, first: bytes, second: bytes) -> bytes:
     if not secret:
         return b""
     return hmac.new(secret, role + b"|" + first + b"|" + second, hashlib.sha256).digest()
+
+
+def decode_peer(body: bytes) -> PeerMessage:
+    if len(body) > MAX_PEER_FRAME:
+        raise ProtocolError(
+            f"peer frame of {len(body)} bytes exceeds the {MAX_PEER_FRAME} byte limit"
+        )
+    try:
+        msg: PeerMessage = _dec.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed peer message: {e}") from None
+    return msg
 
 
 def _expect(msg: PeerMessage, cls: type[msgspec.Struct], peer: str) -> None:
@@ -110,35 +121,75 @@ def _expect(msg: PeerMessage, cls: type[msgspec.Struct], peer: str) -> None:
         raise PeerError(peer, f"expected {cls.__name__}, got {type(msg).__name__}")
 
 
+class ClientHandshake:
+    """The client side of the mutual HMAC challenge, free of I/O (each transport drives it)."""
+
+    def __init__(self, node: str, secret: bytes | None, peer: str) -> None:
+        self.node, self.secret, self.peer = node, secret, peer
+        self.nonce = os.urandom(16)
+
+    def hello(self) -> PeerHello:
+        return PeerHello(PEER_PROTOCOL_VERSION, self.node, self.nonce)
+
+    def on_challenge(self, msg: PeerMessage) -> PeerAuth:
+        _expect(msg, PeerChallenge, self.peer)
+        assert isinstance(msg, PeerChallenge)
+        if not hmac.compare_digest(msg.proof, proof(self.secret, b"server", self.nonce, msg.nonce)):
+            raise PeerError(self.peer, "the peer does not know the cluster secret")
+        return PeerAuth(proof(self.secret, b"client", msg.nonce, self.nonce))
+
+    def on_ok(self, msg: PeerMessage) -> str:
+        _expect(msg, PeerOk, self.peer)
+        assert isinstance(msg, PeerOk)
+        return msg.node
+
+
+class ServerHandshake:
+    """The server side: each step returns the reply, or raises ``PeerError`` with the refusal
+    to send in ``refusal``."""
+
+    def __init__(self, node: str, secret: bytes | None, peer: str) -> None:
+        self.node, self.secret, self.peer = node, secret, peer
+        self.nonce = os.urandom(16)
+        self.client_nonce = b""
+        self.client = ""
+        self.refusal: PeerFailure | None = None
+
+    def _refuse(self, message: str, reason: str) -> PeerError:
+        self.refusal = PeerFailure(message)
+        return PeerError(self.peer, reason)
+
+    def on_hello(self, msg: PeerMessage) -> PeerChallenge:
+        if not isinstance(msg, PeerHello) or msg.version != PEER_PROTOCOL_VERSION:
+            raise self._refuse(f"expected PeerHello version {PEER_PROTOCOL_VERSION}", "bad hello")
+        self.client_nonce, self.client = msg.nonce, msg.node
+        return PeerChallenge(self.nonce, proof(self.secret, b"server", msg.nonce, self.nonce))
+
+    def on_auth(self, msg: PeerMessage) -> PeerOk:
+        want = proof(self.secret, b"client", self.nonce, self.client_nonce)
+        if not isinstance(msg, PeerAuth) or not hmac.compare_digest(msg.proof, want):
+            raise self._refuse(
+                "authentication failed", f"node {self.client!r} failed authentication"
+            )
+        return PeerOk(self.node)
+
+
 def client_handshake(sock: socket.socket, node: str, secret: bytes | None, peer: str) -> str:
     """Prove the secret to the server and check its proof; returns the server's node id."""
-    nonce = os.urandom(16)
-    send_peer(sock, PeerHello(PEER_PROTOCOL_VERSION, node, nonce))
-    challenge = recv_peer(sock)
-    _expect(challenge, PeerChallenge, peer)
-    assert isinstance(challenge, PeerChallenge)
-    if not hmac.compare_digest(challenge.proof, proof(secret, b"server", nonce, challenge.nonce)):
-        raise PeerError(peer, "the peer does not know the cluster secret")
-    send_peer(sock, PeerAuth(proof(secret, b"client", challenge.nonce, nonce)))
-    ok = recv_peer(sock)
-    _expect(ok, PeerOk, peer)
-    assert isinstance(ok, PeerOk)
-    return ok.node
+    hs = ClientHandshake(node, secret, peer)
+    send_peer(sock, hs.hello())
+    send_peer(sock, hs.on_challenge(recv_peer(sock)))
+    return hs.on_ok(recv_peer(sock))
 
 
 def server_handshake(sock: socket.socket, node: str, secret: bytes | None, peer: str) -> str:
     """Check the client's proof; returns its node id. Raises ``PeerError`` on refusal."""
-    hello = recv_peer(sock)
-    if not isinstance(hello, PeerHello) or hello.version != PEER_PROTOCOL_VERSION:
-        send_peer(sock, PeerFailure(f"expected PeerHello version {PEER_PROTOCOL_VERSION}"))
-        raise PeerError(peer, "bad hello")
-    nonce = os.urandom(16)
-    send_peer(sock, PeerChallenge(nonce, proof(secret, b"server", hello.nonce, nonce)))
-    auth = recv_peer(sock)
-    if not isinstance(auth, PeerAuth) or not hmac.compare_digest(
-        auth.proof, proof(secret, b"client", nonce, hello.nonce)
-    ):
-        send_peer(sock, PeerFailure("authentication failed"))
-        raise PeerError(peer, f"node {hello.node!r} failed authentication")
-    send_peer(sock, PeerOk(node))
-    return hello.node
+    hs = ServerHandshake(node, secret, peer)
+    try:
+        send_peer(sock, hs.on_hello(recv_peer(sock)))
+        send_peer(sock, hs.on_auth(recv_peer(sock)))
+    except PeerError:
+        if hs.refusal is not None:
+            send_peer(sock, hs.refusal)
+        raise
+    return hs.client
