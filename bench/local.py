@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import median, table, write_json  # noqa: E402
 
-from tests.daemons import DaemonProcess  # noqa: E402
+from tests.daemons import DaemonProcess, mows_load  # noqa: E402
 
 
 def make_model(path: Path, mib: int, files: int = 4, tensors: int = 32) -> Path:
@@ -178,23 +178,8 @@ def main() -> None:
             time.sleep(1)
             d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
             try:
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "mows",
-                        "load",
-                        "--json",
-                        "--no-progress",
-                        "--socket",
-                        d.socket,
-                        str(m_cold),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                t_mows.append(json.loads(out.stdout)["seconds"])
+                summary = mows_load(d.socket, m_cold)
+                t_mows.append(summary["seconds"])
             finally:
                 d.stop()
             time.sleep(1)

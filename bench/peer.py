@@ -12,7 +12,6 @@ Interleaved, medians, one run.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import shutil
@@ -31,7 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import median, table, write_json  # noqa: E402
 
-from tests.daemons import DaemonProcess, EtcdProcess, make_random_model  # noqa: E402
+from tests.daemons import DaemonProcess, EtcdProcess, make_random_model, mows_load  # noqa: E402
 
 CHUNK = 64 * 2**20
 
@@ -151,23 +150,7 @@ def main() -> None:
                         if time.monotonic() > deadline:
                             raise RuntimeError("B did not see A")
                         time.sleep(0.1)
-                    out = subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "mows",
-                            "load",
-                            "--json",
-                            "--no-progress",
-                            "--socket",
-                            b.socket,
-                            str(model),
-                        ],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                    )
-                    summary = json.loads(out.stdout)
+                    summary = mows_load(b.socket, model)
                     assert summary["bytes_from_peers"] == summary["bytes"], summary
                     t_mows.append(summary["seconds"])
                 finally:

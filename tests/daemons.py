@@ -170,3 +170,30 @@ class EtcdProcess:
                 self.proc.wait()
         if getattr(self, "_log", None) is not None:
             self._log.close()
+
+
+LOAD = [sys.executable, "-m", "mows", "load", "--json", "--no-progress"]
+
+
+def load_in_parallel(jobs: list[tuple[str, Path]], timeout: float = 300) -> list[dict[str, Any]]:
+    """Run ``mows load --json`` for each (socket, model) at once; return each summary."""
+    procs = [
+        subprocess.Popen(
+            [*LOAD, "--socket", sock, str(model)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for sock, model in jobs
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"mows load failed: {stderr}")
+        out.append(dict(json.loads(stdout)))
+    return out
+
+
+def mows_load(sock: str, model: Path) -> dict[str, Any]:
+    return load_in_parallel([(sock, model)])[0]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import mows
 from mows import AccessDeniedError, CapacityError, DaemonUnavailableError, IntegrityError
-from tests.daemons import generate_crc32, make_random_model
+from tests.daemons import generate_crc32, load_in_parallel, make_random_model
 
 
 def mapping_of(addr: int) -> str:
@@ -155,30 +155,9 @@ def test_cap_holds_for_models_loaded_concurrently(daemon_factory: Any, tmp_path:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mows",
-                "load",
-                "--json",
-                "--no-progress",
-                "--socket",
-                d.socket,
-                str(m),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for m in models
-    ]
-    outs = [p.communicate(timeout=120) for p in procs]
+    load_in_parallel([(d.socket, m) for m in models])
     stop.set()
     sampler.join()
-    for p, (_out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err
     cap = 56 * 2**20
     assert samples and max(samples) <= cap
     st = d.status()
@@ -305,17 +284,7 @@ def test_garbage_on_the_socket_closes_only_that_connection(
 def test_concurrent_opens_share_one_fetch(daemon_factory: Any, tmp_path: Path) -> None:
     m = make_random_model(tmp_path / "m", 32)
     d = daemon_factory(roots=[tmp_path])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mows", "load", "--json", "--socket", d.socket, str(m)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(3)
-    ]
-    for p in procs:
-        p.communicate(timeout=120)
-        assert p.returncode == 0
+    load_in_parallel([(d.socket, m)] * 3)
     st = d.status()
     assert st["bytes_from_origin"] == st["models"][0]["bytes"]
 

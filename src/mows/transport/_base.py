@@ -9,7 +9,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ChunkStore", "PeerClient", "PeerServer", "ServedChunk"]
+from .._crc import crc32
+from .._errors import PeerError
+
+__all__ = ["ChunkStore", "PeerClient", "PeerServer", "ServedChunk", "check_chunk"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,17 @@ class PeerClient(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close every pooled connection."""
+
+
+def check_chunk(
+    peer: str, path: str, index: int, data: memoryview, expected: int | None, announced: int
+) -> int:
+    """CRC-32 of a received chunk; ``PeerError(corrupt=True)`` unless it is the CRC the
+    directory published (``expected``) and the one the sender announced."""
+    actual = crc32(data)
+    for want in (expected, announced):
+        if want is not None and actual != want:
+            raise PeerError(
+                peer, f"{path} chunk {index}: CRC {actual:08x}, expected {want:08x}", corrupt=True
+            )
+    return actual

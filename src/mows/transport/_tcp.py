@@ -14,9 +14,8 @@ import threading
 import time
 from collections import defaultdict
 
-from .._crc import crc32
 from .._errors import MowsError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer
+from ._base import ChunkStore, PeerClient, PeerServer, check_chunk
 from ._wire import (
     ChunkHeader,
     ChunkRequest,
@@ -221,14 +220,7 @@ class TcpPeerClient(PeerClient):
                 if n == 0:
                     raise PeerError(address, f"connection closed after {got} of {len(dest)} bytes")
                 got += n
-            actual = crc32(dest)
-            for want in (expected_crc, header.crc):
-                if want is not None and actual != want:
-                    raise PeerError(
-                        address,
-                        f"{path} chunk {index}: CRC {actual:08x}, expected {want:08x}",
-                        corrupt=True,
-                    )
+            actual = check_chunk(address, path, index, dest, expected_crc, header.crc)
             ok = True
             log.debug(
                 "%s chunk %d from %s: %.1f MiB/s",

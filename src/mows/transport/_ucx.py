@@ -22,9 +22,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from .. import _protocol as frames
-from .._crc import crc32
 from .._errors import ConfigError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer
+from ._base import ChunkStore, PeerClient, PeerServer, check_chunk
 from ._tcp import split_address
 from ._wire import (
     MAX_PEER_FRAME,
@@ -219,14 +218,7 @@ class UcxPeerClient(PeerClient):
                 if not isinstance(header, ChunkHeader) or header.length != len(dest):
                     raise PeerError(address, f"unexpected reply {header!r}")
                 await asyncio.wait_for(ep.recv(dest), self._timeout)
-                actual = crc32(dest)
-                for want in (expected_crc, header.crc):
-                    if want is not None and actual != want:
-                        raise PeerError(
-                            address,
-                            f"{path} chunk {index}: CRC {actual:08x}, expected {want:08x}",
-                            corrupt=True,
-                        )
+                actual = check_chunk(address, path, index, dest, expected_crc, header.crc)
                 ok = True
                 return actual
             except PeerError:
