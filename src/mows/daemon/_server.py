@@ -124,6 +124,11 @@ class Daemon:
         self._fingerprints: dict[str, str] = {}  # model id -> cluster fingerprint
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
+        # Peer transfers get their own workers: queued behind origin reads they would wait
+        # for the origin, and a cold cluster would lose its pipelining.
+        self._peer_executor = ThreadPoolExecutor(
+            2 * config.peer_connections, thread_name_prefix="mows-peer"
+        )
         self._loads: dict[str, _Load] = {}
         self._manifests: dict[str, Manifest] = {}
         self._sources: dict[str, Source] = {}
@@ -234,6 +239,7 @@ class Daemon:
         for src in self._sources.values():
             src.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._peer_executor.shutdown(wait=True, cancel_futures=True)
         self.chunks.close()
         log.info("stopped")
 
@@ -456,9 +462,11 @@ class Daemon:
             for fill in fills.values():
                 fill.close()
 
-    async def _in_worker(self, job: _FetchJob, fn: Callable[..., int], *args: object) -> int:
+    async def _in_worker(
+        self, job: _FetchJob, pool: ThreadPoolExecutor, fn: Callable[..., int], *args: object
+    ) -> int:
         """Run a blocking read in a worker, tracked so a failed load can wait for it."""
-        cf = self._executor.submit(fn, *args)
+        cf = pool.submit(fn, *args)
         job.running.add(cf)
         try:
             return await asyncio.wrap_future(cf)
@@ -483,6 +491,7 @@ class Daemon:
                 try:
                     crc = await self._in_worker(
                         job,
+                        self._peer_executor,
                         _fetch_from_peer,
                         self.peers,
                         address,
@@ -513,7 +522,7 @@ class Daemon:
                 log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
                 break
             await cluster.wait_change(min(deadline - now, 1.0))
-        crc = await self._in_worker(job, fetch_chunk, job.source, fill, chunk)
+        crc = await self._in_worker(job, self._executor, fetch_chunk, job.source, fill, chunk)
         self.counters.bytes_from_origin += chunk.length
         job.load.from_origin += chunk.length
         self._held(job, chunk, index, crc)
