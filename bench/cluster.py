@@ -73,22 +73,57 @@ class Net:
         ns = f"{PREFIX}-{name}"
         self._add_ns(ns)
         inner, outer = f"{name}-i"[:15], f"{name}-o"[:15]
-        sh("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", outer, "netns", self.switch)
+        sh(
+            "ip",
+            "link",
+            "add",
+            inner,
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            outer,
+            "netns",
+            self.switch,
+        )
         sh(*in_ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", inner))
         sh(*in_ns(ns, "ip", "link", "set", inner, "up"))
         sh(*in_ns(self.switch, "ip", "link", "set", outer, "master", "br0"))
         sh(*in_ns(self.switch, "ip", "link", "set", outer, "up"))
         for where, dev, rate in ((ns, inner, mbit_out), (self.switch, outer, mbit_in)):
             if rate:
-                sh(*in_ns(where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                          f"{rate}mbit", "burst", "256kb", "latency", "100ms"))
+                sh(
+                    *in_ns(
+                        where,
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{rate}mbit",
+                        "burst",
+                        "256kb",
+                        "latency",
+                        "100ms",
+                    )
+                )
         return ns
 
     def link_bytes(self, name: str) -> tuple[int, int]:
         """(bytes sent, bytes received) by a host, read on its side of the link."""
         ns, dev = f"{PREFIX}-{name}", f"{name}-i"[:15]
-        out = sh(*in_ns(ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes",
-                        f"/sys/class/net/{dev}/statistics/rx_bytes")).stdout.split()
+        out = sh(
+            *in_ns(
+                ns,
+                "cat",
+                f"/sys/class/net/{dev}/statistics/tx_bytes",
+                f"/sys/class/net/{dev}/statistics/rx_bytes",
+            )
+        ).stdout.split()
         return int(out[0]), int(out[1])
 
     def close(self) -> None:
@@ -152,7 +187,8 @@ url = sys.argv[1]
 t = time.perf_counter()
 src = open_source(url, connections=4)
 files = src.list_files()
-expected = parse_crc32(src.read_range("crc32.txt", 0, next(f.size for f in files if f.path == "crc32.txt")))
+crc_size = next(f.size for f in files if f.path == "crc32.txt")
+expected = parse_crc32(src.read_range("crc32.txt", 0, crc_size))
 block = 4 << 20
 def part(f, off):
     buf = bytearray(min(block, f.size - off))
@@ -178,21 +214,51 @@ class Cluster:
         self.net.host("etcd", ETCD_IP, None, None)
         conf = base / "nginx.conf"
         conf.write_text(NGINX_CONF.format(base=base, ip=ORIGIN_IP, root=model.parent))
-        self.procs.start(in_ns(f"{PREFIX}-origin", shutil.which("nginx") or "/usr/sbin/nginx",
-                               "-c", str(conf), "-p", str(base)), base / "nginx.log")
+        self.procs.start(
+            in_ns(
+                f"{PREFIX}-origin",
+                shutil.which("nginx") or "/usr/sbin/nginx",
+                "-c",
+                str(conf),
+                "-p",
+                str(base),
+            ),
+            base / "nginx.log",
+        )
         etcd_url = f"http://{ETCD_IP}:2379"
-        self.procs.start(in_ns(f"{PREFIX}-etcd", "etcd", "--data-dir", str(base / "etcd"),
-                               "--listen-client-urls", etcd_url, "--advertise-client-urls",
-                               etcd_url, "--listen-peer-urls", f"http://{ETCD_IP}:2380"),
-                         base / "etcd.log")
+        self.procs.start(
+            in_ns(
+                f"{PREFIX}-etcd",
+                "etcd",
+                "--data-dir",
+                str(base / "etcd"),
+                "--listen-client-urls",
+                etcd_url,
+                "--advertise-client-urls",
+                etcd_url,
+                "--listen-peer-urls",
+                f"http://{ETCD_IP}:2380",
+            ),
+            base / "etcd.log",
+        )
         self.etcd_url = etcd_url
         self.secret = base / "secret"
         self.secret.write_text(os.urandom(24).hex())
         for i in range(max(args.nodes)):
             self.net.host(f"n{i}", f"{SUBNET}.{10 + i}", args.node_mbit, args.node_mbit)
-        wait_for(lambda: sh(*in_ns(f"{PREFIX}-n0", "curl", "-sf", "-o", "/dev/null",
-                                   f"{self.url}/crc32.txt"), check=False).returncode == 0,
-                 20, "the origin")
+        wait_for(
+            lambda: (
+                sh(
+                    *in_ns(
+                        f"{PREFIX}-n0", "curl", "-sf", "-o", "/dev/null", f"{self.url}/crc32.txt"
+                    ),
+                    check=False,
+                ).returncode
+                == 0
+            ),
+            20,
+            "the origin",
+        )
 
     def sock(self, i: int) -> str:
         return str(self.base / f"n{i}.sock")
@@ -204,11 +270,32 @@ class Cluster:
         shutil.rmtree(self.pool(i), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock(i))
-        args = [PY, "-m", "mows", "serve", "--model-path", self.url, "--max-memory", "4",
-                "--socket", self.sock(i), "--pool-dir", self.pool(i), "--etcd", self.etcd_url,
-                "--cluster", "bench", "--listen", f"{SUBNET}.{10 + i}:7470",
-                "--cluster-secret-file", str(self.secret), "--chunk-size",
-                f"{self.args.chunk_mib}MiB", "--lease-ttl", "3"]
+        args = [
+            PY,
+            "-m",
+            "mows",
+            "serve",
+            "--model-path",
+            self.url,
+            "--max-memory",
+            "4",
+            "--socket",
+            self.sock(i),
+            "--pool-dir",
+            self.pool(i),
+            "--etcd",
+            self.etcd_url,
+            "--cluster",
+            "bench",
+            "--listen",
+            f"{SUBNET}.{10 + i}:7470",
+            "--cluster-secret-file",
+            str(self.secret),
+            "--chunk-size",
+            f"{self.args.chunk_mib}MiB",
+            "--lease-ttl",
+            "3",
+        ]
         self.daemons[i] = self.procs.start(in_ns(f"{PREFIX}-n{i}", *args), self.base / f"n{i}.log")
         wait_for(lambda: os.path.exists(self.sock(i)), 30, f"daemon n{i}")
 
@@ -229,10 +316,26 @@ class Cluster:
     def load(self, nodes: list[int]) -> tuple[float, list[dict[str, Any]]]:
         """All ``nodes`` load at once; seconds until the last is done, and each summary."""
         start = time.perf_counter()
-        procs = [subprocess.Popen(in_ns(f"{PREFIX}-n{i}", PY, "-m", "mows", "load", "--json",
-                                        "--no-progress", "--socket", self.sock(i), self.url),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in nodes]
+        procs = [
+            subprocess.Popen(
+                in_ns(
+                    f"{PREFIX}-n{i}",
+                    PY,
+                    "-m",
+                    "mows",
+                    "load",
+                    "--json",
+                    "--no-progress",
+                    "--socket",
+                    self.sock(i),
+                    self.url,
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in nodes
+        ]
         out = []
         for p in procs:
             stdout, stderr = p.communicate(timeout=1800)
@@ -257,9 +360,15 @@ class Cluster:
 
     def pull(self, n: int) -> float:
         start = time.perf_counter()
-        procs = [subprocess.Popen(in_ns(f"{PREFIX}-n{i}", PY, "-c", PULL, self.url),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(n)]
+        procs = [
+            subprocess.Popen(
+                in_ns(f"{PREFIX}-n{i}", PY, "-c", PULL, self.url),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(n)
+        ]
         for p in procs:
             _, err = p.communicate(timeout=3600)
             if p.returncode != 0:
@@ -319,8 +428,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["scale_daemon_s"] = summary["seconds"]
                 cluster.stop_daemons()
             results["runs"].append(row)
-            print(f"N={n}: pull {row['pull_s']:.1f}s, cold {row['cold_s']:.1f}s, "
-                  f"scale-out {row.get('scale_s', float('nan')):.1f}s", flush=True)
+            print(
+                f"N={n}: pull {row['pull_s']:.1f}s, cold {row['cold_s']:.1f}s, "
+                f"scale-out {row.get('scale_s', float('nan')):.1f}s",
+                flush=True,
+            )
     finally:
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -334,21 +446,46 @@ def report(results: dict[str, Any], args: argparse.Namespace, name: str) -> None
     for r in results["runs"]:
         n = r["n"]
         origin_util = r["cold_links"]["origin"]["tx"] * 8 / 1e6 / (r["cold_s"] * args.origin_mbit)
+        pull_util = r["pull_links"]["origin"]["tx"] * 8 / 1e6 / (r["pull_s"] * args.origin_mbit)
         node_rx = [r["cold_links"][f"n{i}"]["rx"] for i in range(n)]
-        rows.append([n, "pull", r["pull_s"], "1.00x", f"{r['pull_links']['origin']['tx'] / size:.2f}x",
-                     f"{r['pull_links']['origin']['tx'] * 8 / 1e6 / (r['pull_s'] * args.origin_mbit):.0%} origin"])
-        rows.append([n, "mows cold", r["cold_s"], f"{r['pull_s'] / r['cold_s']:.2f}x",
-                     f"{r['cold_origin_bytes'] / size:.2f}x",
-                     f"{origin_util:.0%} origin, node rx max {max(node_rx) / size:.2f}x model"])
+        rows.append(
+            [
+                n,
+                "pull",
+                r["pull_s"],
+                "1.00x",
+                f"{r['pull_links']['origin']['tx'] / size:.2f}x",
+                f"{pull_util:.0%} origin",
+            ]
+        )
+        rows.append(
+            [
+                n,
+                "mows cold",
+                r["cold_s"],
+                f"{r['pull_s'] / r['cold_s']:.2f}x",
+                f"{r['cold_origin_bytes'] / size:.2f}x",
+                f"{origin_util:.0%} origin, node rx max {max(node_rx) / size:.2f}x model",
+            ]
+        )
         if "scale_s" in r:
             ideal = bits / args.node_mbit
             rx = r["scale_links"][f"n{n - 1}"]["rx"]
-            rows.append([n, "mows scale-out", r["scale_s"], f"{r['pull_s'] / n / r['scale_s']:.2f}x",
-                         f"{r['scale_origin_bytes'] / size:.2f}x",
-                         f"{rx * 8 / 1e6 / (r['scale_s'] * args.node_mbit):.0%} of its link; "
-                         f"{r['scale_s'] / ideal:.2f}x size/B_node"])
-    print(f"\nmodel {size / 2**20:.0f} MiB, B_origin {args.origin_mbit} Mbit/s, "
-          f"B_node {args.node_mbit} Mbit/s, chunks {args.chunk_mib} MiB")
+            rows.append(
+                [
+                    n,
+                    "mows scale-out",
+                    r["scale_s"],
+                    f"{r['pull_s'] / n / r['scale_s']:.2f}x",
+                    f"{r['scale_origin_bytes'] / size:.2f}x",
+                    f"{rx * 8 / 1e6 / (r['scale_s'] * args.node_mbit):.0%} of its link; "
+                    f"{r['scale_s'] / ideal:.2f}x size/B_node",
+                ]
+            )
+    print(
+        f"\nmodel {size / 2**20:.0f} MiB, B_origin {args.origin_mbit} Mbit/s, "
+        f"B_node {args.node_mbit} Mbit/s, chunks {args.chunk_mib} MiB"
+    )
     print(table(["N", "scenario", "seconds", "speedup vs pull", "origin bytes", "links"], rows))
     print("(scale-out speedup: against one instance's share of the pull, pull_s / N)")
     out = write_json(name, results)
@@ -370,7 +507,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, name: str) -> None
         ax.plot(*zip(*scale, strict=True), "^-", label="mows scale-out (1 new node)")
     ax.set_xlabel("instances N")
     ax.set_ylabel("seconds until all loaded")
-    ax.set_title(f"{size / 2**20:.0f} MiB model, origin {args.origin_mbit} Mbit/s, links {args.node_mbit} Mbit/s")
+    ax.set_title(
+        f"{size / 2**20:.0f} MiB model, origin {args.origin_mbit} Mbit/s, "
+        f"links {args.node_mbit} Mbit/s"
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     png = RESULTS / f"{name}.png"

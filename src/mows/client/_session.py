@@ -7,6 +7,7 @@ safe to trigger from garbage-collection finalizers on any thread.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -146,4 +147,12 @@ def _after_fork() -> None:
     _sessions.clear()
 
 
+def _close_all() -> None:
+    with _lock:
+        for session in _sessions.values():
+            session.close()
+        _sessions.clear()
+
+
 os.register_at_fork(after_in_child=_after_fork)
+atexit.register(_close_all)

@@ -51,7 +51,9 @@ def from_pretrained(
                 state[name] = t.to(target)
                 converted += 1
     if converted:
-        log.info("converted %d tensors to %s: those are copies, not shared pages", converted, target)
+        log.info(
+            "converted %d tensors to %s: those are copies, not shared pages", converted, target
+        )
     try:
         init: Any = importlib.import_module("transformers.initialization")  # v5
     except ImportError:
@@ -64,8 +66,12 @@ def from_pretrained(
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {len(missing)} parameters: {missing[:5]}")
     if result.unexpected_keys:
-        log.warning("%s: %d checkpoint tensors unused: %s", path, len(result.unexpected_keys),
-                    result.unexpected_keys[:5])
+        log.warning(
+            "%s: %d checkpoint tensors unused: %s",
+            path,
+            len(result.unexpected_keys),
+            result.unexpected_keys[:5],
+        )
     return model.eval()
 
 

@@ -56,7 +56,10 @@ def _loader_class() -> type:
                 expected = {n for n, _ in model.named_parameters()}
                 missing = expected - set(loaded)
                 if missing:
-                    log.warning("mows: %d parameters not in the checkpoint: %s",
-                                len(missing), sorted(missing)[:5])
+                    log.warning(
+                        "mows: %d parameters not in the checkpoint: %s",
+                        len(missing),
+                        sorted(missing)[:5],
+                    )
 
     return MowsModelLoader
