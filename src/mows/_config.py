@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_SOCKET",
     "DaemonConfig",
     "default_socket",
+    "explain_daemon_config",
     "load_daemon_config",
     "parse_size",
 ]
@@ -89,6 +90,8 @@ class DaemonConfig:
     lease_ttl: int = 5
     peer_timeout: float = 30.0
     peer_connections: int = 4
+    metrics_listen: str = ""  # HOST:PORT for Prometheus metrics; off when empty
+    drain_timeout: float = 10.0  # seconds SIGTERM waits for loads in progress
 
     def __post_init__(self) -> None:
         if self.max_memory <= 0:
@@ -108,7 +111,9 @@ class DaemonConfig:
             raise ConfigError("peer_timeout: must be positive")
         if not 1 <= self.peer_connections <= 64:
             raise ConfigError("peer_connections: must be between 1 and 64")
-        for key in ("listen", "advertise"):
+        if self.drain_timeout < 0:
+            raise ConfigError("drain_timeout: must be >= 0")
+        for key in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, key)
             if value and not re.fullmatch(r"\[?[^\s\]]*\]?:\d{1,5}", value):
                 raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
@@ -163,6 +168,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "lease_ttl": ("lease_ttl", lambda v, k: _int(v, k)),
     "peer_timeout": ("peer_timeout", lambda v, k: _float(v, k)),
     "peer_connections": ("peer_connections", lambda v, k: _int(v, k)),
+    "metrics_listen": ("metrics_listen", lambda v, k: _str(v, k)),
+    "drain_timeout": ("drain_timeout", lambda v, k: _float(v, k)),
 }
 
 
@@ -212,8 +219,19 @@ def load_daemon_config(
     env: Mapping[str, str] | None = None,
 ) -> DaemonConfig:
     """Merge ``flags`` (TOML-style keys; None = not given) over env, the TOML file, defaults."""
+    return explain_daemon_config(flags, config_file=config_file, env=env)[0]
+
+
+def explain_daemon_config(
+    flags: Mapping[str, object],
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[DaemonConfig, dict[str, str]]:
+    """The configuration and, for each field, where its value came from."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
 
     def apply(key: str, raw: object, where: str) -> None:
         spec = _FIELDS.get(key)
@@ -223,6 +241,7 @@ def load_daemon_config(
             )
         name, conv = spec
         values[name] = conv(raw, f"{where} {key}".strip())
+        origins[name] = where
 
     path = config_file or env.get("MOWS_CONFIG")
     if path:
@@ -241,6 +260,7 @@ def load_daemon_config(
             if not isinstance(sources, dict):
                 raise ConfigError(f"{path}: [sources] must be a table")
             values["sources"] = dict(sources)
+            origins["sources"] = path
     for key in _FIELDS:
         raw = env.get(f"MOWS_{key.upper()}")
         if raw is not None and raw != "":
@@ -254,9 +274,12 @@ def load_daemon_config(
             "max_memory: required (--max-memory GB, MOWS_MAX_MEMORY or the config file)"
         )
     try:
-        return DaemonConfig(**values)
+        config = DaemonConfig(**values)
     except TypeError as e:  # pragma: no cover - guarded by _FIELDS
         raise ConfigError(str(e)) from None
+    for f in dataclasses.fields(DaemonConfig):
+        origins.setdefault(f.name, "default")
+    return config, origins
 
 
 def replace(config: DaemonConfig, **changes: Any) -> DaemonConfig:

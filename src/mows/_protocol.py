@@ -26,6 +26,7 @@ __all__ = [
     "Progress",
     "Ready",
     "Release",
+    "Reload",
     "Status",
     "StatusReply",
     "Welcome",
@@ -64,7 +65,11 @@ class Status(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
-Request = Hello | Open | Release | Status
+class Reload(msgspec.Struct, tag=True, frozen=True):
+    """Re-read the model list (as SIGHUP does); answered with a StatusReply."""
+
+
+Request = Hello | Open | Release | Status | Reload
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):

@@ -134,3 +134,15 @@ def status(socket: str | None, as_json: bool) -> None:
 def _n(v: object) -> int:
     assert isinstance(v, int)
     return v
+
+
+@click.command()
+@socket_option
+def reload(socket: str | None) -> None:
+    """Make the daemon re-read its model list and allowed roots (as SIGHUP does)."""
+    from ..client import get_session
+
+    result = get_session(socket).reload()
+    click.echo(f"reloaded; roots: {', '.join(map(str, result['roots']))}")  # type: ignore[call-overload]
+    if result.get("restart_needed_for"):
+        click.echo(f"needs a restart to change: {result['restart_needed_for']}")

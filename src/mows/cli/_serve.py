@@ -1,52 +1,98 @@
-"""``mows serve``: run the node daemon."""
+"""``mows serve``, ``mows config show`` and ``mows doctor``: the daemon's settings."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from typing import Any
+
 import click
+
+# (flag, help) for every daemon setting; TOML keys and MOWS_* names follow the flag names.
+_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--model-path",
+        {"multiple": True, "help": "A model this node serves (path or URL); repeatable."},
+    ),
+    ("--max-memory", {"help": "Hard cap of the pool: GB (GiB) or a size like 512MiB. Required."}),
+    ("--crc32-file", {"help": "crc32 file relative to each model path [crc32.txt]."}),
+    ("--nic", {"type": click.Choice(["tcp", "ucx"]), "help": "Peer transport [tcp]."}),
+    ("--socket", {"help": "Local API socket [MOWS_SOCKET or /run/mows/mows.sock]."}),
+    ("--pool-dir", {"help": "Shared-memory pool directory [/dev/shm/mows]."}),
+    ("--allow-root", {"multiple": True, "help": "Another directory clients may load from."}),
+    ("--chunk-size", {"help": "Chunk size (MiB, or a size like 16MiB) [64]."}),
+    ("--workers", {"help": "Parallel chunk readers from the origin [4]."}),
+    ("--etcd", {"help": "etcd endpoints URL[,URL..]: turns on cluster mode."}),
+    ("--cluster", {"help": "Cluster name: nodes share chunks within it [default]."}),
+    ("--listen", {"help": "Peer server HOST:PORT [0.0.0.0:7470]."}),
+    ("--advertise", {"help": "HOST:PORT peers use to reach this node."}),
+    ("--node-id", {"help": "This node's id [the advertised address]."}),
+    ("--cluster-secret-file", {"help": "Shared secret peers must prove."}),
+    ("--lease-ttl", {"help": "Seconds before a dead node leaves [5]."}),
+    ("--peer-timeout", {"help": "Seconds a stalled peer may cost [30]."}),
+    ("--metrics-listen", {"help": "HOST:PORT for Prometheus metrics [off]."}),
+    ("--drain-timeout", {"help": "Seconds SIGTERM waits for loads in progress [10]."}),
+]
+
+
+def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every daemon setting as a flag, plus ``--config FILE.toml``."""
+    fn = click.option(
+        "--config", "config_file", default=None, help="TOML file with the same settings."
+    )(fn)
+    for flag, kwargs in reversed(_OPTIONS):
+        name = flag[2:].replace("-", "_")
+        fn = click.option(flag, name, default=None, **kwargs)(fn)
+    return fn
 
 
 @click.command()
-@click.option(
-    "--model-path",
-    "model_path",
-    multiple=True,
-    help="A model this node serves (path or URL); repeatable.",
-)
-@click.option(
-    "--max-memory",
-    default=None,
-    help="Hard cap of the pool: GB (GiB) or a size like 512MiB. Required.",
-)
-@click.option(
-    "--crc32-file", default=None, help="crc32 file relative to each model path [crc32.txt]."
-)
-@click.option(
-    "--nic", type=click.Choice(["tcp", "ucx"]), default=None, help="Peer transport [tcp]."
-)
-@click.option(
-    "--socket", default=None, help="Local API socket [MOWS_SOCKET or /run/mows/mows.sock]."
-)
-@click.option("--pool-dir", default=None, help="Shared-memory pool directory [/dev/shm/mows].")
-@click.option(
-    "--allow-root", "allow_root", multiple=True, help="Another directory clients may load from."
-)
-@click.option("--chunk-size", default=None, help="Chunk size (MiB, or a size like 16MiB) [64].")
-@click.option("--workers", type=int, default=None, help="Parallel chunk readers [4].")
-@click.option("--etcd", default=None, help="etcd endpoints URL[,URL..]: turns on cluster mode.")
-@click.option(
-    "--cluster", default=None, help="Cluster name: nodes share chunks within it [default]."
-)
-@click.option("--listen", default=None, help="Peer server HOST:PORT [0.0.0.0:7470].")
-@click.option("--advertise", default=None, help="HOST:PORT peers use to reach this node.")
-@click.option("--node-id", default=None, help="This node's id [the advertised address].")
-@click.option("--cluster-secret-file", default=None, help="Shared secret peers must prove.")
-@click.option("--lease-ttl", default=None, help="Seconds before a dead node leaves [5].")
-@click.option("--peer-timeout", default=None, help="Seconds a stalled peer may cost [30].")
-@click.option("--config", "config_file", default=None, help="TOML file with the same settings.")
+@daemon_options
 def serve(config_file: str | None, **flags: object) -> None:
     """Run the node daemon: one per machine, serving every local process."""
     from .._config import load_daemon_config
     from ..daemon import run_daemon
 
-    config = load_daemon_config(flags, config_file=config_file)
-    run_daemon(config)
+    def reload() -> Any:  # SIGHUP and `mows reload` read the settings again
+        return load_daemon_config(flags, config_file=config_file)
+
+    run_daemon(reload(), reload)
+
+
+@click.group()
+def config() -> None:
+    """Inspect the daemon's configuration."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@daemon_options
+def show(config_file: str | None, as_json: bool, **flags: object) -> None:
+    """Print the effective configuration and where each value came from."""
+    import dataclasses
+
+    from .._config import explain_daemon_config
+
+    cfg, origins = explain_daemon_config(flags, config_file=config_file)
+    values = dataclasses.asdict(cfg)
+    if as_json:
+        click.echo(
+            json.dumps({k: {"value": v, "from": origins[k]} for k, v in values.items()}, indent=2)
+        )
+        return
+    width = max(map(len, values))
+    for key, value in values.items():
+        shown = oct(value) if key == "socket_mode" else value
+        click.echo(f"{key:<{width}}  {shown!s:<40}  ({origins[key]})")
+
+
+@click.command()
+@daemon_options
+def doctor(config_file: str | None, **flags: object) -> None:
+    """Check what breaks deployments; exit 1 naming each problem."""
+    import sys
+
+    from ._doctor import run_checks
+
+    ok = run_checks(flags, config_file)
+    sys.exit(0 if ok else 1)

@@ -96,13 +96,20 @@ class Session:
                     raise ProtocolError(f"unexpected {type(msg).__name__} while opening {path}")
 
     def status(self) -> dict[str, object]:
+        return self._ask(p.Status())
+
+    def reload(self) -> dict[str, object]:
+        """Have the daemon re-read its model list (as SIGHUP does)."""
+        return self._ask(p.Reload())
+
+    def _ask(self, request: msgspec.Struct) -> dict[str, object]:
         with self._request_lock:
-            self._send(p.Status())
+            self._send(request)
             msg = self._recv()
         if isinstance(msg, p.Error):
             p.raise_error(msg)
         if not isinstance(msg, p.StatusReply):
-            raise ProtocolError(f"unexpected {type(msg).__name__} for a status request")
+            raise ProtocolError(f"unexpected {type(msg).__name__} for {type(request).__name__}")
         return msg.status
 
     def release(self, model: str) -> None:

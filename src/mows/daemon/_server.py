@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -26,7 +27,14 @@ import msgspec
 
 from .. import _protocol as p
 from .._config import DaemonConfig
-from .._errors import AccessDeniedError, IntegrityError, MowsError, PeerError, ProtocolError
+from .._errors import (
+    AccessDeniedError,
+    DaemonError,
+    IntegrityError,
+    MowsError,
+    PeerError,
+    ProtocolError,
+)
 from ..cluster import Cluster, NodeInfo, fingerprint
 from ..manifest import Chunk, FileEntry, Manifest, build_manifest
 from ..pool import FileState, Pool, PoolFile, WouldWait, model_id
@@ -34,6 +42,7 @@ from ..sources import Source, open_source
 from ..transport import PeerClient, PeerServer, TcpPeerClient, TcpPeerServer
 from ._chunks import ChunkTable
 from ._loader import FileFill, crc_of_pool_file, fetch_chunk, file_crc
+from ._metrics import Metrics
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -74,6 +83,7 @@ class _Counters:
     loads_failed: int = 0
     peer_failures: int = 0
     corrupt_from_peers: int = 0
+    evicted_last_copy_bytes: int = 0
 
 
 @dataclass
@@ -113,14 +123,19 @@ def _fetch_from_peer(
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(
+        self, config: DaemonConfig, reload: Callable[[], DaemonConfig] | None = None
+    ) -> None:
         self.config = config
+        self._reload = reload
+        self._draining = False
         self.pool = Pool(config.pool_dir, config.max_memory, on_remove=self._on_pool_remove)
         self.counters = _Counters()
         self.chunks = ChunkTable()
         self.cluster: Cluster | None = None
         self.peers: PeerClient | None = None
         self._peer_server: PeerServer | None = None
+        self.metrics = Metrics(self.status)
         self._fingerprints: dict[str, str] = {}  # model id -> cluster fingerprint
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
@@ -147,6 +162,9 @@ class Daemon:
             log.info("adopted %d verified bytes from a previous run", adopted)
         if self.config.etcd:
             await self._start_cluster()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
+            log.info("Prometheus metrics on http://%s/metrics", self.config.metrics_listen)
         path = self.config.socket
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         _claim_socket_path(path)
@@ -198,6 +216,8 @@ class Daemon:
     def _on_pool_remove(self, f: PoolFile) -> None:
         fp = self._fingerprints.get(f.model)
         if fp is None:
+            if f.state is FileState.READY:
+                self.counters.evicted_last_copy_bytes += f.size  # alone: always the last copy
             return
         self.chunks.remove_file(fp, f.rel)
         if self.cluster is not None:
@@ -205,6 +225,9 @@ class Daemon:
             if manifest is not None:
                 base = _FetchJob.bases(manifest)[f.rel]
                 n = -(-f.size // manifest.chunk_size)
+                copies = self.cluster.copies(fp)
+                if f.state is FileState.READY and any(c <= 1 for c in copies[base : base + n]):
+                    self.counters.evicted_last_copy_bytes += f.size
                 self.cluster.drop(fp, list(range(base, base + n)))
 
     def stop(self) -> None:
@@ -215,12 +238,50 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_logged)
         try:
             await self._stopping.wait()
+            await self.drain()
         finally:
             await self.close()
 
+    async def drain(self) -> None:
+        """Refuse new loads and give those in progress ``drain_timeout`` seconds to finish."""
+        self._draining = True
+        tasks = [load.task for load in self._loads.values() if load.task is not None]
+        if tasks:
+            log.info("draining %d loads (up to %.0fs)", len(tasks), self.config.drain_timeout)
+            await asyncio.wait(tasks, timeout=self.config.drain_timeout)
+
+    def reload(self) -> dict[str, object]:
+        """Re-read the settings; the model list and allowed roots change at once."""
+        if self._reload is None:
+            raise MowsError("this daemon was started without a way to re-read its settings")
+        new = self._reload()
+        changed = [
+            f.name
+            for f in dataclasses.fields(new)
+            if f.name not in ("model_paths", "allow_roots")
+            and getattr(new, f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            log.warning("reload: %s changed but take effect at restart", ", ".join(changed))
+        self.config = dataclasses.replace(
+            self.config, model_paths=new.model_paths, allow_roots=new.allow_roots
+        )
+        self._roots = [self._canonical_root(r) for r in self.config.roots]
+        log.info("reloaded: roots %s", ", ".join(self._roots) or "(none)")
+        return {"reloaded": True, "roots": list(self._roots), "restart_needed_for": changed}
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except MowsError as e:
+            log.error("reload failed, keeping the old settings: %s", e)
+
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new clients while we wind down
         if self.cluster is not None:
             await self.cluster.close()  # deregister first: peers stop asking us
         if self._peer_server is not None:
@@ -241,6 +302,7 @@ class Daemon:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._peer_executor.shutdown(wait=True, cancel_futures=True)
         self.chunks.close()
+        self.metrics.close()
         log.info("stopped")
 
     # -- access control ------------------------------------------------------------------------
@@ -279,6 +341,8 @@ class Daemon:
     async def open_model(
         self, path: str, crc32_file: str | None, progress: asyncio.Queue[tuple[int, int]] | None
     ) -> p.Ready:
+        if self._draining:
+            raise DaemonError("the daemon is shutting down", "DaemonError")
         location = self.authorize(path)
         mid = model_id(location)
         load = self._loads.get(mid)
@@ -488,6 +552,7 @@ class Daemon:
                     failed.add(node)
                     continue
                 self._inflight[node] = self._inflight.get(node, 0) + 1
+                started = time.perf_counter()
                 try:
                     crc = await self._in_worker(
                         job,
@@ -509,6 +574,7 @@ class Daemon:
                     continue
                 finally:
                     self._inflight[node] -= 1
+                self.metrics.fetch_seconds.labels("peers").observe(time.perf_counter() - started)
                 self.counters.bytes_from_peers += chunk.length
                 job.load.from_peers += chunk.length
                 self._held(job, chunk, index, crc)
@@ -522,7 +588,9 @@ class Daemon:
                 log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
                 break
             await cluster.wait_change(min(deadline - now, 1.0))
+        started = time.perf_counter()
         crc = await self._in_worker(job, self._executor, fetch_chunk, job.source, fill, chunk)
+        self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
         self.counters.bytes_from_origin += chunk.length
         job.load.from_origin += chunk.length
         self._held(job, chunk, index, crc)
@@ -565,6 +633,11 @@ class Daemon:
                         self._pool_changed.set()
                 elif isinstance(msg, p.Status):
                     await send(p.StatusReply(self.status()))
+                elif isinstance(msg, p.Reload):
+                    try:
+                        await send(p.StatusReply(self.reload()))
+                    except MowsError as e:
+                        await send(p.error_message(e))
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -675,6 +748,7 @@ class Daemon:
             "misses": c.misses,
             "evictions": self.pool.evictions,
             "evicted_bytes": self.pool.evicted_bytes,
+            "evicted_last_copy_bytes": c.evicted_last_copy_bytes,
             "integrity_failures": c.integrity_failures,
             "loads_failed": c.loads_failed,
             "clients": self._clients,
@@ -761,10 +835,10 @@ def _claim_socket_path(path: str) -> None:
     raise MowsError(f"{path}: another mows daemon is already serving on this socket")
 
 
-def run_daemon(config: DaemonConfig) -> None:
-    """Run until SIGTERM/SIGINT."""
+def run_daemon(config: DaemonConfig, reload: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP calls ``reload`` for a new model list."""
 
     async def main() -> None:
-        await Daemon(config).serve_forever()
+        await Daemon(config, reload).serve_forever()
 
     asyncio.run(main())

@@ -1,0 +1,125 @@
+"""Prometheus metrics of the daemon (``--metrics-listen``), read from its counters at scrape.
+
+Names follow Prometheus conventions: base units (bytes, seconds), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+__all__ = ["Metrics"]
+
+# Chunk fetch latency: from a few ms (a 4 MiB chunk over a fast link) to minutes.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.fetch_seconds = Histogram(
+            "mows_chunk_fetch_seconds",
+            "Time to fetch and check one chunk, by source.",
+            ["source"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StatusCollector(status))
+        self._server: Any = None
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._server = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            thread.join(5)
+
+
+class _StatusCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._status()
+        by_source = CounterMetricFamily(
+            "mows_bytes",
+            "Model bytes delivered to this node's clients, by source.",
+            labels=["source"],
+        )
+        for source, key in (
+            ("origin", "bytes_from_origin"),
+            ("peers", "bytes_from_peers"),
+            ("pool", "bytes_from_pool"),
+        ):
+            by_source.add_metric([source], st[key])
+        yield by_source
+        yield CounterMetricFamily(
+            "mows_served_to_peers_bytes",
+            "Bytes this node sent to peers.",
+            value=st["bytes_served_to_peers"],
+        )
+        for name, key, doc in (
+            ("mows_pool_capacity_bytes", "capacity_bytes", "The pool's hard cap."),
+            ("mows_pool_used_bytes", "used_bytes", "Bytes in the pool, partial files included."),
+            ("mows_pool_pinned_bytes", "pinned_bytes", "Bytes pinned by clients or loads."),
+            ("mows_clients", "clients", "Connected local clients."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=st[key])
+        for name, key, doc in (
+            ("mows_hits", "hits", "Opens served entirely from the pool."),
+            ("mows_misses", "misses", "Opens that had to fetch."),
+            ("mows_evictions", "evictions", "Files evicted from the pool."),
+            ("mows_evicted_bytes", "evicted_bytes", "Bytes evicted from the pool."),
+            (
+                "mows_evicted_last_copy_bytes",
+                "evicted_last_copy_bytes",
+                "Evicted bytes no other live node held.",
+            ),
+            ("mows_peer_failures", "peer_failures", "Peer transfers that failed or stalled."),
+            ("mows_loads_failed", "loads_failed", "Loads that ended in an error."),
+        ):
+            yield CounterMetricFamily(name, doc, value=st[key])
+        integrity = CounterMetricFamily(
+            "mows_integrity_failures",
+            "Data that failed its CRC-32 check, by source.",
+            labels=["source"],
+        )
+        integrity.add_metric(["origin"], st["integrity_failures"])
+        integrity.add_metric(["peers"], st["corrupt_chunks_from_peers"])
+        yield integrity
+        cluster = st.get("cluster") or {}
+        yield GaugeMetricFamily(
+            "mows_live_peers",
+            "Other live nodes in the cluster.",
+            value=max(0, len(cluster.get("nodes", [])) - 1) if cluster.get("healthy") else 0,
+        )
+        yield GaugeMetricFamily(
+            "mows_etcd_healthy",
+            "1 while the cluster directory (etcd) is reachable.",
+            value=1 if cluster.get("healthy") else 0,
+        )
+        yield CounterMetricFamily(
+            "mows_etcd_errors",
+            "etcd failures (each starts a reconnect).",
+            value=cluster.get("etcd_errors", 0),
+        )
+        loading = GaugeMetricFamily(
+            "mows_load_progress_bytes",
+            "Bytes fetched and to fetch of loads in progress.",
+            labels=["model", "kind"],
+        )
+        for m in st["models"]:
+            if m["progress"]:
+                loading.add_metric([m["path"], "done"], m["progress"]["done"])
+                loading.add_metric([m["path"], "total"], m["progress"]["total"])
+        yield loading
