@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -139,7 +140,13 @@ def test_cap_holds_for_models_loaded_in_turn(daemon_factory: Any, tmp_path: Path
 
 
 def _pool_bytes(pool: Path) -> int:
-    return sum(os.stat(p).st_blocks * 512 for p in pool.rglob("*") if p.is_file())
+    """Bytes of shared memory the pool's files occupy (files may vanish while we look)."""
+    total = 0
+    for dirpath, _, names in os.walk(pool):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
 
 
 def test_cap_holds_for_models_loaded_concurrently(daemon_factory: Any, tmp_path: Path) -> None:
