@@ -26,6 +26,29 @@ def start_nodes(factory: Any, etcd: Any, root: Path, n: int, *extra: str) -> lis
     return nodes
 
 
+def stored_manifest(endpoint: str, cluster: str, fp: str) -> Any:
+    """The manifest the cluster published in etcd, read back with a plain etcd client."""
+    import asyncio
+    import zlib
+
+    import aetcd
+    import msgspec
+
+    from mows.manifest import Manifest
+
+    async def get() -> bytes:
+        host, _, port = endpoint.removeprefix("http://").rpartition(":")
+        client = aetcd.Client(host=host, port=int(port))
+        try:
+            got = await client.get(f"/mows/{cluster}/manifests/{fp}".encode())
+            assert got is not None, "no manifest published"
+            return bytes(got.value)
+        finally:
+            await client.close()
+
+    return msgspec.msgpack.decode(zlib.decompress(asyncio.run(get())), type=Manifest)
+
+
 def load_all(nodes: list[DaemonProcess], model: Path) -> None:
     load_in_parallel([(d.socket, model) for d in nodes])
 
@@ -59,6 +82,11 @@ def test_cold_simultaneous_load_reads_origin_once(
         assert_same_as_files(mows.load_state_dict(model, socket=d.socket, fallback=False), model)
     cl = statuses[0]["cluster"]
     assert cl["healthy"] and len(cl["nodes"]) == 3
+    published = stored_manifest(etcd.endpoint, "t", cl["models"][0]["fingerprint"])
+    assert [f.path for f in published.files] == sorted(
+        p.name for p in model.iterdir() if p.name != "crc32.txt"
+    )
+    assert all(f.crc32 is not None for f in published.files)
     assert all(n["alive"] for n in cl["nodes"])
     assert cl["models"][0]["min_copies"] >= 1
 

@@ -2,6 +2,8 @@
 
 Layout under ``/mows/<cluster>/`` (all values msgpack; bytes never pass through etcd):
   nodes/<node>              NodeInfo, under the node's lease: a dead node vanishes in one TTL
+  manifests/<model>         the model's manifest (files, sizes, tensor index), zlib+msgpack,
+                            written once, not under a lease
   holdings/<model>/<node>   which chunks of a model the node holds (a compressed bitmap) and
                             their CRC-32s, under the same lease; written in batches
 A model is keyed by its fingerprint (file names, sizes, CRCs, chunk size), so nodes that mount
@@ -18,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +97,8 @@ class Cluster:
         self.nodes: dict[str, NodeInfo] = {}
         self.models: dict[str, _Model] = {}
         self._dirty: set[str] = set()
+        self._manifests_pending: dict[str, bytes] = {}  # fingerprint -> compressed manifest
+        self._manifests_published: set[str] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
@@ -218,6 +223,11 @@ class Cluster:
                 await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
 
     async def _publish_dirty(self) -> None:
+        for fp, blob in list(self._manifests_pending.items()):
+            # Not under the lease: a model's manifest outlives the nodes that loaded it.
+            await self._client.put(self.prefix + f"manifests/{fp}".encode(), blob)
+            self._manifests_published.add(fp)
+            del self._manifests_pending[fp]
         while self._dirty:
             fp = self._dirty.pop()
             m = self.models.get(fp)
@@ -270,11 +280,14 @@ class Cluster:
         self._changed = asyncio.Event()
 
     # -- what the fetch scheduler asks ------------------------------------------------------------
-    def join(self, fp: str, chunks: int) -> None:
-        """Say we want this model (an empty holding counts as interest in ownership)."""
+    def join(self, fp: str, chunks: int, manifest: Manifest | None = None) -> None:
+        """Say we want this model (an empty holding counts as interest in ownership), and
+        publish its manifest once for the cluster."""
         existing = self.models.get(fp)
         if existing is None or existing.chunks != chunks:
             self.models[fp] = _Model(chunks)
+        if manifest is not None and fp not in self._manifests_published:
+            self._manifests_pending[fp] = zlib.compress(_enc.encode(manifest), 6)
         self._dirty.add(fp)
 
     def mark_held(self, fp: str, index: int, crc: int) -> None:

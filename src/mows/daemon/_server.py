@@ -417,7 +417,9 @@ class Daemon:
         assert self.cluster is not None
         fp = self._fingerprints[model] = fingerprint(manifest)
         bases = _FetchJob.bases(manifest)
-        self.cluster.join(fp, sum(-(-f.size // manifest.chunk_size) for f in manifest.files))
+        self.cluster.join(
+            fp, sum(-(-f.size // manifest.chunk_size) for f in manifest.files), manifest
+        )
         for entry in manifest.files:
             pf = self.pool.get(model, entry.path)
             if not self._fresh(model, entry) or pf is None or self.chunks.has_file(fp, entry.path):
@@ -471,7 +473,7 @@ class Daemon:
         try:
             if self.cluster is not None:
                 self._fingerprints[load.model] = job.fp
-                self.cluster.join(job.fp, job.total_chunks)
+                self.cluster.join(job.fp, job.total_chunks, manifest)
                 # On a cold cluster, let the other nodes loading this model announce
                 # themselves before ownership is computed, so each chunk leaves the origin
                 # about once. A warm cluster (someone holds chunks already) needs no wait.
