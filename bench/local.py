@@ -197,20 +197,7 @@ def main() -> None:
         d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
         try:
             for m in (m_small, m_big):
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "mows",
-                        "load",
-                        "--no-progress",
-                        "--socket",
-                        d.socket,
-                        str(m),
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
+                mows_load(d.socket, m)
             for name, m in (("small", m_small), ("big", m_big)):
                 warm, eager = [], []
                 for _ in range(repeat):

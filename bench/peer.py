@@ -16,7 +16,6 @@ import mmap
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -114,20 +113,7 @@ def main() -> None:
         (base / "a").mkdir()
         a = DaemonProcess(base / "a", roots=[base], max_memory="8GiB", extra=extra).start()
         try:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "mows",
-                    "load",
-                    "--no-progress",
-                    "--socket",
-                    a.socket,
-                    str(model),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            mows_load(a.socket, model)
             # The baseline's source: the same number of bytes in one warm /dev/shm file.
             src = tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="mows-bench-src-")  # noqa: SIM115
             for f in sorted(a.pool_dir.rglob("*")):
