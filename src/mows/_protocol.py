@@ -53,12 +53,16 @@ class Open(msgspec.Struct, tag=True, frozen=True):
     path: str
     crc32_file: str | None = None  # None: the daemon's configured default
     pin: bool = True
+    files: list[str] | None = None  # only these files (streaming); None: the whole model
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):
-    """Drop one pin this connection holds on ``model``; no reply."""
+    """Drop one pin this connection holds on ``model`` (or on ``files`` of it); no reply.
+    ``consumed`` files (streamed and done with) are the first the pool evicts."""
 
     model: str
+    files: list[str] | None = None
+    consumed: bool = False
 
 
 class Status(msgspec.Struct, tag=True, frozen=True):
@@ -86,7 +90,7 @@ class Progress(msgspec.Struct, tag=True, frozen=True):
 class Ready(msgspec.Struct, tag=True, frozen=True):
     model: str  # the model id, used in Release
     manifest: Manifest
-    files: dict[str, str]  # relative path -> pool file path
+    files: dict[str, str]  # relative path -> pool file path, for the files asked for
     bytes_from_origin: int
     bytes_from_peers: int
     bytes_from_pool: int

@@ -206,3 +206,27 @@ def test_ucx_transport_in_the_daemon(daemon_factory: Any, etcd: Any, tmp_path: P
     with mows.open_model(model, socket=nodes[1].socket, fallback=False) as h:
         assert h.stats["bytes_from_peers"] == h.stats["bytes"]
         assert_same_as_files(h.state_dict(), model)
+
+
+def test_eviction_keeps_the_clusters_last_copies(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    x = make_random_model(tmp_path / "x", 8, files=1, seed=1)
+    y = make_random_model(tmp_path / "y", 8, files=1, seed=2)
+    z = make_random_model(tmp_path / "z", 8, files=1, seed=3)
+    a = start_nodes(daemon_factory, etcd, tmp_path, 1, "--max-memory", "18MiB")[0]
+    b = start_nodes(daemon_factory, etcd, tmp_path, 1)[0]
+    _wait(lambda: len(a.status()["cluster"]["nodes"]) == 2)
+    load_all([b], x)
+    load_all([a], y)  # y: only A has it, and it is the least recently used
+    load_all([a], x)  # x: B holds it too
+    _wait(lambda: min(m["min_copies"] for m in a.status()["cluster"]["models"]) >= 1)
+    _wait(lambda: any(m["min_copies"] == 2 for m in a.status()["cluster"]["models"]))
+    load_all([a], z)  # needs room: LRU would drop y, the cluster's only copy
+    st = a.status()
+    cached = {m["path"]: m["cached_fraction"] for m in st["models"]}
+    assert cached[str(y)] == 1.0 and cached[str(z)] == 1.0
+    assert cached[str(x)] < 1.0
+    x_bytes = sum(f.stat().st_size for f in x.iterdir())
+    assert st["evictions"] >= 1 and 0 < st["evicted_bytes"] <= x_bytes
+    assert st["evicted_last_copy_bytes"] == 0

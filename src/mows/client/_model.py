@@ -9,6 +9,7 @@ when the handle is closed and the last tensor of the model is gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -16,12 +17,13 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .._errors import DaemonUnavailableError, IntegrityError, MowsError
+from .._errors import CapacityError, DaemonUnavailableError, IntegrityError, MowsError
 from ..manifest import FileEntry, Manifest, TensorInfo, build_manifest
 from ..sources import open_source
-from ._session import get_session
+from ._session import Session, get_session
 
 if TYPE_CHECKING:
     import torch
@@ -128,8 +130,8 @@ class ModelHandle:
         self._index: dict[str, tuple[FileEntry, TensorInfo]] = {}
         self._metadata: dict[str, str] = {}
         for entry in manifest.files:
-            if entry.safetensors is None:
-                continue
+            if entry.safetensors is None or entry.path not in self.files:
+                continue  # a streaming handle holds some of the files only
             self._metadata.update(entry.safetensors.metadata)
             for t in entry.safetensors.tensors:
                 if t.end > entry.size:
@@ -173,7 +175,7 @@ class ModelHandle:
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in file order, then offset order: sequential over the pages."""
         for entry in self.manifest.files:
-            if entry.safetensors is not None:
+            if entry.safetensors is not None and entry.path in self.files:
                 for t in entry.safetensors.tensors:
                     yield t.name, self.get_tensor(t.name)
 
@@ -294,8 +296,71 @@ def load_state_dict(
 
 
 def iter_weights(
-    path: str | os.PathLike[str], *, socket: str | None = None, fallback: bool = True
+    path: str | os.PathLike[str],
+    *,
+    socket: str | None = None,
+    fallback: bool = True,
+    stream: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` pairs for engines' ``load_weights``, in file order."""
-    with open_model(path, socket=socket, fallback=fallback) as handle:
-        yield from handle.iter_weights()
+    """``(name, tensor)`` pairs for engines' ``load_weights``, in file order.
+
+    A model that does not fit the pool (``CapacityError``) is streamed: files are fetched
+    one ahead of the consumer and released as soon as it has moved past them, so the pool
+    never holds more than two of them. ``stream=True`` always streams, ``False`` never.
+    """
+    if not stream:
+        try:
+            handle = open_model(path, socket=socket, fallback=fallback)
+        except CapacityError:
+            if stream is False:
+                raise
+            log.info("%s does not fit the pool: streaming it file by file", path)
+        else:
+            with handle:
+                yield from handle.iter_weights()
+            return
+    yield from _stream(os.fspath(path), socket)
+
+
+def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    location = path if "://" in path else os.path.abspath(path)
+    first = get_session(socket)
+    manifest = first.open(location, files=[], pin=False).manifest
+    order = [f.path for f in manifest.files if f.safetensors is not None]
+    # Two connections: the next file loads on one while the consumer reads the other's.
+    second = Session(first.path)
+    sessions = (first, second)
+
+    held: dict[int, tuple[Session, str]] = {}  # file index -> pin not yet released
+
+    def fetch(i: int) -> tuple[Session, ModelHandle]:
+        session = sessions[i % 2]
+        ready = session.open(location, files=[order[i]])
+        held[i] = (session, ready.model)
+        return session, ModelHandle(ready.manifest, ready.files, model=ready.model)
+
+    def release(i: int) -> None:
+        session, model = held.pop(i)
+        session.release_now(model, [order[i]], consumed=True)
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="mows-stream") as ahead:
+            pending = ahead.submit(fetch, 0) if order else None
+            try:
+                for i in range(len(order)):
+                    assert pending is not None
+                    _, handle = pending.result()
+                    # Fetch the next file while the consumer reads this one. The previous
+                    # one was released already, so the pool holds at most these two.
+                    pending = ahead.submit(fetch, i + 1) if i + 1 < len(order) else None
+                    with handle:
+                        yield from handle.iter_weights()
+                    release(i)  # the consumer has moved past it: evicted first
+            finally:
+                if pending is not None:
+                    pending.cancel()
+    finally:
+        for i in list(held):  # a consumer that stopped early leaves nothing pinned
+            with contextlib.suppress(MowsError, OSError):
+                release(i)
+        second.close()

@@ -49,7 +49,7 @@ class Session:
         self._sock = sock
         self._request_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._releases: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._releases: queue.SimpleQueue[p.Release | None] = queue.SimpleQueue()
         threading.Thread(target=self._release_loop, name="mows-release", daemon=True).start()
 
     def _send(self, msg: msgspec.Struct) -> None:
@@ -72,12 +72,14 @@ class Session:
         progress: Callable[[int, int], None] | None = None,
         *,
         pin: bool = True,
+        files: list[str] | None = None,
     ) -> p.Ready:
-        """Have the daemon fetch ``path`` into the pool; ``pin`` keeps it there while this
-        connection holds it (the caller then owes one ``release``)."""
+        """Have the daemon fetch ``path`` (or only ``files`` of it) into the pool; ``pin``
+        keeps them there while this connection holds them (the caller then owes one
+        ``release`` with the same ``files``)."""
         with self._request_lock:
             try:
-                self._send(p.Open(path, crc32_file, pin))
+                self._send(p.Open(path, crc32_file, pin, files))
             except OSError as e:
                 self.closed = True
                 raise DaemonUnavailableError(
@@ -112,18 +114,24 @@ class Session:
             raise ProtocolError(f"unexpected {type(msg).__name__} for {type(request).__name__}")
         return msg.status
 
-    def release(self, model: str) -> None:
-        """Drop one pin on ``model``; safe to call from a finalizer."""
+    def release(
+        self, model: str, files: list[str] | None = None, *, consumed: bool = False
+    ) -> None:
+        """Drop one pin on ``model`` (or on ``files``); safe to call from a finalizer."""
         if os.getpid() == self.pid and not self.closed:
-            self._releases.put(model)
+            self._releases.put(p.Release(model, files, consumed))
+
+    def release_now(self, model: str, files: list[str] | None = None, *, consumed: bool) -> None:
+        """Drop a pin at once, ordered before any later request on this connection."""
+        self._send(p.Release(model, files, consumed))
 
     def _release_loop(self) -> None:
         while True:
-            model = self._releases.get()
-            if model is None:
+            msg = self._releases.get()
+            if msg is None:
                 return
             try:
-                self._send(p.Release(model))
+                self._send(msg)
             except OSError:
                 self.closed = True
                 return

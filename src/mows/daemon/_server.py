@@ -34,6 +34,7 @@ from .._errors import (
     MowsError,
     PeerError,
     ProtocolError,
+    SourceNotFoundError,
 )
 from ..cluster import Cluster, NodeInfo, fingerprint
 from ..manifest import Chunk, FileEntry, Manifest, build_manifest
@@ -51,6 +52,11 @@ log = logging.getLogger("mows.daemon")
 PROGRESS_INTERVAL = 0.1  # seconds between progress messages to a client
 
 _Send = Callable[[msgspec.Struct], Awaitable[None]]
+_PinKey = tuple[str, tuple[str, ...] | None]  # (model, files) as the client pinned them
+
+
+def _pin_key(model: str, files: list[str] | None) -> _PinKey:
+    return (model, None if files is None else tuple(sorted(files)))
 
 
 @dataclass
@@ -83,7 +89,6 @@ class _Counters:
     loads_failed: int = 0
     peer_failures: int = 0
     corrupt_from_peers: int = 0
-    evicted_last_copy_bytes: int = 0
 
 
 @dataclass
@@ -137,6 +142,7 @@ class Daemon:
         self._peer_server: PeerServer | None = None
         self.metrics = Metrics(self.status)
         self._fingerprints: dict[str, str] = {}  # model id -> cluster fingerprint
+        self._model_locks: dict[str, asyncio.Lock] = {}
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
         # Peer transfers get their own workers: queued behind origin reads they would wait
@@ -208,27 +214,34 @@ class Daemon:
             )
 
         self.cluster = Cluster(list(cfg.etcd), cfg.cluster, info, ttl=cfg.lease_ttl)
+        self.pool.last_copy = self._is_last_copy
         self.cluster.start()
         if not await self.cluster.wait_healthy(5.0):
             log.warning("etcd %s not reachable yet: running alone until it is", ",".join(cfg.etcd))
         log.info("node %s in cluster %s, peers connect to %s", node_id, cfg.cluster, advertise)
 
+    def _is_last_copy(self, f: PoolFile) -> bool:
+        """Would evicting ``f`` drop the cluster's last copy of any of its chunks?"""
+        fp, manifest = self._fingerprints.get(f.model), self._manifests.get(f.model)
+        if self.cluster is None or fp is None or manifest is None or not self.cluster.healthy:
+            return True
+        base = _FetchJob.bases(manifest).get(f.rel)
+        if base is None:
+            return True
+        copies = self.cluster.copies(fp)[base : base + -(-f.size // manifest.chunk_size)]
+        return not copies or min(copies) <= 1
+
     def _on_pool_remove(self, f: PoolFile) -> None:
+        """A file left the pool: stop serving it and tell the cluster."""
         fp = self._fingerprints.get(f.model)
         if fp is None:
-            if f.state is FileState.READY:
-                self.counters.evicted_last_copy_bytes += f.size  # alone: always the last copy
             return
         self.chunks.remove_file(fp, f.rel)
-        if self.cluster is not None:
-            manifest = self._manifests.get(f.model)
-            if manifest is not None:
-                base = _FetchJob.bases(manifest)[f.rel]
-                n = -(-f.size // manifest.chunk_size)
-                copies = self.cluster.copies(fp)
-                if f.state is FileState.READY and any(c <= 1 for c in copies[base : base + n]):
-                    self.counters.evicted_last_copy_bytes += f.size
-                self.cluster.drop(fp, list(range(base, base + n)))
+        manifest = self._manifests.get(f.model)
+        if self.cluster is not None and manifest is not None:
+            base = _FetchJob.bases(manifest)[f.rel]
+            n = -(-f.size // manifest.chunk_size)
+            self.cluster.drop(fp, list(range(base, base + n)))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -339,17 +352,22 @@ class Daemon:
         return src
 
     async def open_model(
-        self, path: str, crc32_file: str | None, progress: asyncio.Queue[tuple[int, int]] | None
+        self,
+        path: str,
+        crc32_file: str | None,
+        progress: asyncio.Queue[tuple[int, int]] | None,
+        files: list[str] | None = None,
     ) -> p.Ready:
         if self._draining:
             raise DaemonError("the daemon is shutting down", "DaemonError")
         location = self.authorize(path)
         mid = model_id(location)
-        load = self._loads.get(mid)
+        key = mid if files is None else f"{mid}|{'|'.join(sorted(files))}"
+        load = self._loads.get(key)
         if load is None:
-            load = self._loads[mid] = _Load(mid, location)
-            load.task = asyncio.ensure_future(self._run_load(load, crc32_file))
-            load.task.add_done_callback(functools.partial(self._load_done, mid))
+            load = self._loads[key] = _Load(mid, location)
+            load.task = asyncio.ensure_future(self._run_load(load, crc32_file, files))
+            load.task.add_done_callback(functools.partial(self._load_done, key))
         if progress is not None:
             load.subscribers.add(progress)
         try:
@@ -362,7 +380,9 @@ class Daemon:
     def _load_done(self, mid: str, _task: object) -> None:
         self._loads.pop(mid, None)
 
-    async def _run_load(self, load: _Load, crc32_file: str | None) -> p.Ready:
+    async def _run_load(
+        self, load: _Load, crc32_file: str | None, only: list[str] | None = None
+    ) -> p.Ready:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         source = self._source(load.location)
@@ -378,27 +398,35 @@ class Daemon:
         self._manifests[load.model] = manifest
         if self.cluster is not None:
             self._advertise_ready(load.model, manifest)
-        self.pool.busy[load.model] = self.pool.busy.get(load.model, 0) + 1
-        try:
-            missing = [f for f in manifest.files if not self._fresh(load.model, f)]
-            load.total = sum(f.size for f in missing)
-            from_pool = manifest.total_bytes - load.total
-            if missing:
-                self.counters.misses += 1
-                await self._fetch(load, source, manifest, missing)
-            else:
-                self.counters.hits += 1
-            self.counters.bytes_from_pool += from_pool
-        except MowsError:
-            self.counters.loads_failed += 1
-            raise
-        finally:
-            self.pool.busy[load.model] -= 1
-            if not self.pool.busy[load.model]:
-                del self.pool.busy[load.model]
-            self._pool_changed.set()
+        wanted = manifest.files
+        if only is not None:
+            unknown = set(only) - {f.path for f in manifest.files}
+            if unknown:
+                raise SourceNotFoundError(load.location, sorted(unknown)[0], "not in the model")
+            wanted = tuple(f for f in manifest.files if f.path in set(only))
+        rels = [f.path for f in wanted]
+        # One fetch at a time per model: concurrent subset loads (streaming) never race for
+        # the same pool file. Identical requests already share one load task.
+        async with self._model_locks.setdefault(load.model, asyncio.Lock()):
+            self.pool.mark_busy(load.model, rels)
+            try:
+                missing = [f for f in wanted if not self._fresh(load.model, f)]
+                load.total = sum(f.size for f in missing)
+                from_pool = sum(f.size for f in wanted) - load.total
+                if missing:
+                    self.counters.misses += 1
+                    await self._fetch(load, source, manifest, missing)
+                else:
+                    self.counters.hits += 1
+                self.counters.bytes_from_pool += from_pool
+            except MowsError:
+                self.counters.loads_failed += 1
+                raise
+            finally:
+                self.pool.unmark_busy(load.model, rels)
+                self._pool_changed.set()
         files = {}
-        for f in manifest.files:
+        for f in wanted:
             pf = self.pool.get(load.model, f.path)
             assert pf is not None and pf.state is FileState.READY
             files[f.path] = pf.path
@@ -608,7 +636,7 @@ class Daemon:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self._clients += 1
-        pins: dict[str, int] = {}
+        pins: dict[_PinKey, int] = {}
         tasks: set[asyncio.Task[None]] = set()
         send_lock = asyncio.Lock()
 
@@ -629,9 +657,10 @@ class Daemon:
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                 elif isinstance(msg, p.Release):
-                    if pins.get(msg.model, 0) > 0:
-                        pins[msg.model] -= 1
-                        self.pool.unpin(msg.model)
+                    key = _pin_key(msg.model, msg.files)
+                    if pins.get(key, 0) > 0:
+                        pins[key] -= 1
+                        self.pool.unpin(msg.model, msg.files, consumed=msg.consumed)
                         self._pool_changed.set()
                 elif isinstance(msg, p.Status):
                     await send(p.StatusReply(self.status()))
@@ -653,19 +682,19 @@ class Daemon:
         finally:
             for t in tasks:
                 t.cancel()
-            for model, n in pins.items():
+            for (model, files), n in pins.items():
                 for _ in range(n):
-                    self.pool.unpin(model)
+                    self.pool.unpin(model, files)
             self._pool_changed.set()
             self._clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _handle_open(self, msg: p.Open, send: _Send, pins: dict[str, int]) -> None:
+    async def _handle_open(self, msg: p.Open, send: _Send, pins: dict[_PinKey, int]) -> None:
         queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue(maxsize=1)
         result: asyncio.Task[p.Ready] = asyncio.ensure_future(
-            self.open_model(msg.path, msg.crc32_file, queue)
+            self.open_model(msg.path, msg.crc32_file, queue, msg.files)
         )
         try:
             while not result.done():
@@ -678,8 +707,9 @@ class Daemon:
                     getter.cancel()
             ready = result.result()
             if msg.pin:
-                self.pool.pin(ready.model)
-                pins[ready.model] = pins.get(ready.model, 0) + 1
+                self.pool.pin(ready.model, msg.files)
+                key = _pin_key(ready.model, msg.files)
+                pins[key] = pins.get(key, 0) + 1
             await send(ready)
         except MowsError as e:
             await send(p.error_message(e))
@@ -748,9 +778,10 @@ class Daemon:
             "bytes_from_pool": c.bytes_from_pool,
             "hits": c.hits,
             "misses": c.misses,
+            "hit_rate": c.hits / (c.hits + c.misses) if c.hits + c.misses else None,
             "evictions": self.pool.evictions,
             "evicted_bytes": self.pool.evicted_bytes,
-            "evicted_last_copy_bytes": c.evicted_last_copy_bytes,
+            "evicted_last_copy_bytes": self.pool.evicted_last_copy_bytes,
             "integrity_failures": c.integrity_failures,
             "loads_failed": c.loads_failed,
             "clients": self._clients,

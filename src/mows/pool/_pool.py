@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import msgspec
 
@@ -97,12 +98,17 @@ class Pool:
         self.files: dict[tuple[str, str], PoolFile] = {}
         self.sources: dict[str, str] = {}  # model id -> source location
         self.expected: dict[str, dict[str, int]] = {}  # model id -> {file: size} of the model
-        self.pins: dict[str, int] = {}  # model id -> client pins
-        self.busy: dict[str, int] = {}  # model id -> loads in progress
+        self.pins: dict[str, int] = {}  # model id -> client pins on the whole model
+        self.file_pins: dict[tuple[str, str], int] = {}  # (model, file) -> streaming pins
+        self.busy: dict[tuple[str, str], int] = {}  # (model, file) -> loads using it
+        # Told whether evicting a file would drop the cluster's last copy of some of it:
+        # those go last. None (a single node): every file is a last copy, plain LRU.
+        self.last_copy: Callable[[PoolFile], bool] | None = None
         self.on_remove = on_remove  # told of every file leaving the pool (evicted, discarded)
         self.used_bytes = 0
         self.evictions = 0
         self.evicted_bytes = 0
+        self.evicted_last_copy_bytes = 0
         os.makedirs(self.root, mode=0o755, exist_ok=True)
 
     # -- queries -------------------------------------------------------------------------
@@ -115,26 +121,54 @@ class Pool:
     def model_files(self, model: str) -> list[PoolFile]:
         return [f for (m, _), f in self.files.items() if m == model]
 
-    def is_locked(self, model: str) -> bool:
-        return self.pins.get(model, 0) > 0 or self.busy.get(model, 0) > 0
+    def is_locked(self, f: PoolFile) -> bool:
+        key = (f.model, f.rel)
+        return (
+            self.pins.get(f.model, 0) > 0
+            or self.file_pins.get(key, 0) > 0
+            or self.busy.get(key, 0) > 0
+        )
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(f.reserved for f in self.files.values() if self.is_locked(f.model))
+        return sum(f.reserved for f in self.files.values() if self.is_locked(f))
 
-    # -- pins ----------------------------------------------------------------------------
-    def pin(self, model: str) -> None:
-        self.pins[model] = self.pins.get(model, 0) + 1
+    # -- pins and loads in progress ----------------------------------------------------------
+    def pin(self, model: str, rels: Iterable[str] | None = None) -> None:
+        """Pin the whole model (``rels`` None) or some of its files."""
         now = time.monotonic()
-        for f in self.model_files(model):
+        if rels is None:
+            self.pins[model] = self.pins.get(model, 0) + 1
+            touched = self.model_files(model)
+        else:
+            touched = []
+            for rel in rels:
+                self.file_pins[(model, rel)] = self.file_pins.get((model, rel), 0) + 1
+                if (model, rel) in self.files:
+                    touched.append(self.files[(model, rel)])
+        for f in touched:
             f.last_used = now
 
-    def unpin(self, model: str) -> None:
-        n = self.pins.get(model, 0) - 1
-        if n > 0:
-            self.pins[model] = n
-        else:
-            self.pins.pop(model, None)
+    def unpin(
+        self, model: str, rels: Iterable[str] | None = None, *, consumed: bool = False
+    ) -> None:
+        """Drop a pin; ``consumed`` files (streamed and done with) are evicted first."""
+        if rels is None:
+            _decrement(self.pins, model)
+            return
+        for rel in rels:
+            _decrement(self.file_pins, (model, rel))
+            f = self.files.get((model, rel))
+            if consumed and f is not None:
+                f.last_used = -1.0
+
+    def mark_busy(self, model: str, rels: Iterable[str]) -> None:
+        for rel in rels:
+            self.busy[(model, rel)] = self.busy.get((model, rel), 0) + 1
+
+    def unmark_busy(self, model: str, rels: Iterable[str]) -> None:
+        for rel in rels:
+            _decrement(self.busy, (model, rel))
 
     # -- reservation and eviction ----------------------------------------------------------
     def reserve(
@@ -155,13 +189,19 @@ class Pool:
         stale_bytes = sum(f.reserved for f in stale if f.state is FileState.READY)
         free = self.capacity - self.used_bytes + stale_bytes
         if need > free:
-            victims = self._lru_victims(exclude=model)
+            requested = {(model, rel) for rel, _, _ in entries}
+            victims = [f for f in self._victims() if (f.model, f.rel) not in requested]
             evictable = sum(f.reserved for f in victims)
             if need > free + evictable:
+                # Space other models' loads will release when they end. Never this model's
+                # own files: its loads run one at a time, so they would wait on themselves.
                 waiting = sum(
                     f.reserved
-                    for f in self.files.values()
-                    if f.model != model and self.busy.get(f.model, 0) and not self.pins.get(f.model)
+                    for key, f in self.files.items()
+                    if f.model != model
+                    and self.busy.get(key, 0)
+                    and not self.pins.get(f.model)
+                    and not self.file_pins.get(key)
                 )
                 if need <= free + evictable + waiting:
                     raise WouldWait
@@ -192,18 +232,23 @@ class Pool:
         assert self.used_bytes <= self.capacity, "pool cap exceeded"
         return out
 
-    def _lru_victims(self, exclude: str) -> list[PoolFile]:
+    def _victims(self) -> list[PoolFile]:
+        """Evictable files in eviction order: copies other nodes also hold first, the
+        cluster's last copies last; least recently used first among equals."""
         cands = [
-            f
-            for f in self.files.values()
-            if f.state is FileState.READY and f.model != exclude and not self.is_locked(f.model)
+            f for f in self.files.values() if f.state is FileState.READY and not self.is_locked(f)
         ]
-        return sorted(cands, key=lambda f: f.last_used)
+        last_copy = self.last_copy
+        return sorted(
+            cands, key=lambda f: (last_copy(f) if last_copy is not None else True, f.last_used)
+        )
 
     def _evict(self, f: PoolFile) -> None:
         log.info("evicting %s/%s (%d bytes)", f.model, f.rel, f.size)
         self.evictions += 1
         self.evicted_bytes += f.size
+        if self.last_copy is None or self.last_copy(f):
+            self.evicted_last_copy_bytes += f.size
         self._remove(f)
 
     def _remove(self, f: PoolFile) -> None:
@@ -223,7 +268,7 @@ class Pool:
             self._remove(f)
 
     def shrink_to_capacity(self) -> None:
-        for f in self._lru_victims(exclude=""):
+        for f in self._victims():
             if self.used_bytes <= self.capacity:
                 break
             self._evict(f)
@@ -364,3 +409,11 @@ def _remove_path(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _decrement(counts: dict[Any, int], key: Any) -> None:
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
