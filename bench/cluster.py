@@ -295,6 +295,8 @@ class Cluster:
             f"{self.args.chunk_mib}MiB",
             "--lease-ttl",
             "3",
+            "--prefetch",
+            "off",  # a cold start, measured: no idle prefetch before the loads
         ]
         self.daemons[i] = self.procs.start(in_ns(f"{PREFIX}-n{i}", *args), self.base / f"n{i}.log")
         wait_for(lambda: os.path.exists(self.sock(i)), 30, f"daemon n{i}")

@@ -91,6 +91,9 @@ class DaemonConfig:
     peer_timeout: float = 30.0
     peer_connections: int = 4
     metrics_listen: str = ""  # HOST:PORT for Prometheus metrics; off when empty
+    prefetch: str = "share"  # idle prefetch of model_paths: "share" (cluster share), "full", "off"
+    prefetch_rate: int = 0  # bytes/s cap of prefetch; 0 = no cap
+    prefetch_delay: float = 3.0  # seconds after start before prefetching (membership settles)
     drain_timeout: float = 10.0  # seconds SIGTERM waits for loads in progress
 
     def __post_init__(self) -> None:
@@ -111,6 +114,10 @@ class DaemonConfig:
             raise ConfigError("peer_timeout: must be positive")
         if not 1 <= self.peer_connections <= 64:
             raise ConfigError("peer_connections: must be between 1 and 64")
+        if self.prefetch not in ("share", "full", "off"):
+            raise ConfigError(f"prefetch: must be 'share', 'full' or 'off', got {self.prefetch!r}")
+        if self.prefetch_rate < 0 or self.prefetch_delay < 0:
+            raise ConfigError("prefetch_rate and prefetch_delay: must be >= 0")
         if self.drain_timeout < 0:
             raise ConfigError("drain_timeout: must be >= 0")
         for key in ("listen", "advertise", "metrics_listen"):
@@ -170,6 +177,9 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "peer_connections": ("peer_connections", lambda v, k: _int(v, k)),
     "metrics_listen": ("metrics_listen", lambda v, k: _str(v, k)),
     "drain_timeout": ("drain_timeout", lambda v, k: _float(v, k)),
+    "prefetch": ("prefetch", lambda v, k: _str(v, k)),
+    "prefetch_rate": ("prefetch_rate", lambda v, k: 0 if str(v) == "0" else parse_size(v, k)),
+    "prefetch_delay": ("prefetch_delay", lambda v, k: _float(v, k)),
 }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Error",
     "Hello",
     "Open",
+    "Prefetch",
     "Progress",
     "Ready",
     "Release",
@@ -73,7 +74,13 @@ class Reload(msgspec.Struct, tag=True, frozen=True):
     """Re-read the model list (as SIGHUP does); answered with a StatusReply."""
 
 
-Request = Hello | Open | Release | Status | Reload
+class Prefetch(msgspec.Struct, tag=True, frozen=True):
+    """Add a model to the idle prefetch list; answered with a StatusReply."""
+
+    path: str
+
+
+Request = Hello | Open | Release | Status | Reload | Prefetch
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):

@@ -171,6 +171,8 @@ def main() -> None:
             sock,
             "--pool-dir",
             args.pool_dir,
+            "--prefetch",
+            "off",  # the demo shows a cold load, then a warm one
         ]
     )
     try:

@@ -17,6 +17,7 @@ _COMMANDS = {
     "manifest": ("mows.cli._manifest:manifest", "Describe a model: files, chunks, tensors."),
     "load": ("mows.cli._client:load", "Load a model through the daemon, with progress."),
     "status": ("mows.cli._client:status", "Show the daemon's pool and models."),
+    "prefetch": ("mows.cli._client:prefetch", "Queue a model for idle prefetch."),
     "reload": ("mows.cli._client:reload", "Make the daemon re-read its model list."),
     "config": ("mows.cli._serve:config", "Show the effective configuration and its sources."),
     "doctor": ("mows.cli._serve:doctor", "Check what breaks deployments."),

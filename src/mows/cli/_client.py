@@ -146,3 +146,16 @@ def reload(socket: str | None) -> None:
     click.echo(f"reloaded; roots: {', '.join(map(str, result['roots']))}")  # type: ignore[call-overload]
     if result.get("restart_needed_for"):
         click.echo(f"needs a restart to change: {result['restart_needed_for']}")
+
+
+@click.command()
+@click.argument("path")
+@socket_option
+def prefetch(path: str, socket: str | None) -> None:
+    """Have the daemon fetch PATH in idle time (its cluster share, or all of it)."""
+    import os
+
+    from ..client import get_session
+
+    result = get_session(socket).prefetch(path if "://" in path else os.path.abspath(path))
+    click.echo(f"queued {result['queued']} for idle prefetch ({result['policy']})")

@@ -32,6 +32,16 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--peer-timeout", {"help": "Seconds a stalled peer may cost [30]."}),
     ("--metrics-listen", {"help": "HOST:PORT for Prometheus metrics [off]."}),
     ("--drain-timeout", {"help": "Seconds SIGTERM waits for loads in progress [10]."}),
+    (
+        "--prefetch",
+        {
+            "type": click.Choice(["share", "full", "off"]),
+            "help": "Idle prefetch of --model-path models: this node's cluster share, "
+            "a full local copy, or off [share].",
+        },
+    ),
+    ("--prefetch-rate", {"help": "Bandwidth cap of prefetch per second, e.g. 100MiB [none]."}),
+    ("--prefetch-delay", {"help": "Seconds after start before prefetching [3]."}),
 ]
 
 

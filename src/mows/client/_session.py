@@ -100,6 +100,10 @@ class Session:
     def status(self) -> dict[str, object]:
         return self._ask(p.Status())
 
+    def prefetch(self, path: str) -> dict[str, object]:
+        """Add a model to the daemon's idle prefetch list."""
+        return self._ask(p.Prefetch(path))
+
     def reload(self) -> dict[str, object]:
         """Have the daemon re-read its model list (as SIGHUP does)."""
         return self._ask(p.Reload())

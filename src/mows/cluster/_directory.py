@@ -308,6 +308,12 @@ class Cluster:
             held for node, (held, _) in m.others.items() if node in self.nodes
         )
 
+    def interested(self, fp: str) -> frozenset[str]:
+        """Live nodes (us included) that have registered the model."""
+        m = self.models.get(fp)
+        others = [n for n in (m.others if m else {}) if n in self.nodes]
+        return frozenset([self.node_id, *others])
+
     def live_peers(self) -> list[NodeInfo]:
         return [n for nid, n in self.nodes.items() if nid != self.node_id]
 

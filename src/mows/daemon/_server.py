@@ -69,6 +69,7 @@ class _Load:
     total: int = 0
     from_origin: int = 0
     from_peers: int = 0
+    reused: int = 0  # prefetched chunks this load found in place
     subscribers: set[asyncio.Queue[tuple[int, int]]] = field(default_factory=set)
     task: asyncio.Task[p.Ready] | None = None
 
@@ -143,6 +144,15 @@ class Daemon:
         self.metrics = Metrics(self.status)
         self._fingerprints: dict[str, str] = {}  # model id -> cluster fingerprint
         self._model_locks: dict[str, asyncio.Lock] = {}
+        # Idle prefetch: runs only while no client load is in progress.
+        self._foreground = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._prefetch_wake = asyncio.Event()
+        self._prefetch_extra: list[str] = []
+        self._prefetch_task: asyncio.Task[None] | None = None
+        self._rate_next = 0.0
+        self.prefetch_state: dict[str, dict[str, object]] = {}
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
         # Peer transfers get their own workers: queued behind origin reads they would wait
@@ -168,6 +178,8 @@ class Daemon:
             log.info("adopted %d verified bytes from a previous run", adopted)
         if self.config.etcd:
             await self._start_cluster()
+        if self.config.prefetch != "off":
+            self._prefetch_task = asyncio.ensure_future(self._prefetch_loop())
         if self.config.metrics_listen:
             self.metrics.serve(self.config.metrics_listen)
             log.info("Prometheus metrics on http://%s/metrics", self.config.metrics_listen)
@@ -295,6 +307,10 @@ class Daemon:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()  # no new clients while we wind down
+        if self._prefetch_task is not None:
+            self._prefetch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._prefetch_task
         if self.cluster is not None:
             await self.cluster.close()  # deregister first: peers stop asking us
         if self._peer_server is not None:
@@ -370,12 +386,17 @@ class Daemon:
             load.task.add_done_callback(functools.partial(self._load_done, key))
         if progress is not None:
             load.subscribers.add(progress)
+        self._foreground += 1
+        self._idle.clear()  # prefetch pauses before its next chunk
         try:
             assert load.task is not None
             return await asyncio.shield(load.task)
         finally:
             if progress is not None:
                 load.subscribers.discard(progress)
+            self._foreground -= 1
+            if not self._foreground:
+                self._idle.set()
 
     def _load_done(self, mid: str, _task: object) -> None:
         self._loads.pop(mid, None)
@@ -436,7 +457,7 @@ class Daemon:
             files=files,
             bytes_from_origin=load.from_origin,
             bytes_from_peers=load.from_peers,
-            bytes_from_pool=from_pool,
+            bytes_from_pool=from_pool + load.reused,
             seconds=time.perf_counter() - start,
         )
 
@@ -513,9 +534,9 @@ class Daemon:
                 if self.cluster is not None:
                     self.chunks.add_file(job.fp, pf.rel, fd)
             per_file: dict[str, list[asyncio.Task[int]]] = {}
-            for entry in missing:
+            for entry, pf in zip(missing, pool_files, strict=True):
                 per_file[entry.path] = [
-                    asyncio.ensure_future(self._obtain(job, fills[entry.path], chunk))
+                    asyncio.ensure_future(self._obtain(job, fills[entry.path], chunk, pf.held))
                     for chunk in manifest.chunks(entry.path)
                 ]
                 tasks.extend(per_file[entry.path])
@@ -567,9 +588,16 @@ class Daemon:
         finally:
             job.running.discard(cf)
 
-    async def _obtain(self, job: _FetchJob, fill: FileFill, chunk: Chunk) -> int:
+    async def _obtain(
+        self, job: _FetchJob, fill: FileFill, chunk: Chunk, held: dict[int, int] | None = None
+    ) -> int:
         """One chunk into the pool mapping, from a peer that holds it or from the origin."""
         index = job.base[chunk.path] + chunk.index
+        if held and chunk.index in held:  # prefetched into this very file already
+            self.counters.bytes_from_pool += chunk.length
+            job.load.reused += chunk.length
+            self._held(job, chunk, index, held[chunk.index])
+            return held[chunk.index]
         cluster = self.cluster
         failed: set[str] = set()
         deadline: float | None = None
@@ -631,6 +659,199 @@ class Daemon:
             self.chunks.add_chunk(job.fp, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
             self.cluster.mark_held(job.fp, index, crc)
 
+    # -- idle prefetch ----------------------------------------------------------------------
+    def add_prefetch(self, path: str) -> dict[str, object]:
+        location = self.authorize(path)
+        if location not in self._prefetch_extra:
+            self._prefetch_extra.append(location)
+        self._prefetch_wake.set()
+        return {"queued": location, "policy": self.config.prefetch}
+
+    async def _prefetch_loop(self) -> None:
+        if self.cluster is not None:
+            # Say which models we will hold before anyone computes who owns what.
+            for root in self.config.model_paths:
+                try:
+                    await self._join_model(self._canonical_root(root))
+                except MowsError as e:
+                    log.warning("cannot register %s with the cluster: %s", root, e)
+        await asyncio.sleep(self.config.prefetch_delay)  # let the other members appear
+        while True:
+            targets = [self._canonical_root(r) for r in self.config.model_paths]
+            for location in dict.fromkeys(targets + self._prefetch_extra):
+                try:
+                    await self._prefetch(location)
+                except MowsError as e:
+                    log.warning("prefetch of %s stopped: %s", location, e)
+                    self.prefetch_state.setdefault(location, {})["state"] = f"error: {e}"
+            self._prefetch_wake.clear()
+            with contextlib.suppress(TimeoutError):  # re-plan as membership changes
+                await asyncio.wait_for(self._prefetch_wake.wait(), 5.0)
+
+    async def _join_model(self, location: str) -> tuple[str, Source, Manifest]:
+        """Describe a model and, in a cluster, register our interest in it."""
+        mid = model_id(location)
+        source = self._source(location)
+        manifest = await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            functools.partial(
+                build_manifest,
+                source,
+                chunk_size=self.config.chunk_size,
+                crc32_file=self.config.crc32_file,
+            ),
+        )
+        self._manifests[mid] = manifest
+        if self.cluster is not None:
+            self._advertise_ready(mid, manifest)
+        return mid, source, manifest
+
+    async def _prefetch(self, location: str) -> None:
+        """Fetch this node's share of a model (or all of it) chunk by chunk, yielding to every
+        client load, never evicting anything, at most ``prefetch_rate`` bytes a second."""
+        mid, source, manifest = await self._join_model(location)
+        cluster = self.cluster
+        fp = fingerprint(manifest)
+        share = cluster is not None and self.config.prefetch == "share"
+        bases = _FetchJob.bases(manifest)
+        if share and cluster is not None:
+            # Plan only once the set of nodes holding this model has stopped changing, so
+            # every node computes the same owners (each chunk fetched once, shares even).
+            seen, since, deadline = cluster.interested(fp), time.monotonic(), time.monotonic() + 15
+            while time.monotonic() - since < 1.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                now = cluster.interested(fp)
+                if now != seen:
+                    seen, since = now, time.monotonic()
+
+        def mine(entry: FileEntry, chunk: Chunk) -> bool:
+            if not share or cluster is None or not cluster.healthy:
+                return True
+            return cluster.owner(fp, f"{fp}/{bases[entry.path] + chunk.index}") == cluster.node_id
+
+        plan = [(e, c) for e in manifest.files for c in manifest.chunks(e.path) if mine(e, c)]
+        state: dict[str, object] = {
+            "policy": "share" if share else "full",
+            "target_bytes": sum(c.length for _, c in plan),
+            "held_bytes": 0,
+            "state": "running",
+        }
+        self.prefetch_state[location] = state
+        held = sum(c.length for e, c in plan if self._present(mid, e, c))
+        state["held_bytes"] = held
+        for entry, chunk in plan:
+            if self._present(mid, entry, chunk):
+                continue
+            if not self._idle.is_set():
+                state["state"] = "paused"
+                await self._idle.wait()
+                state["state"] = "running"
+            await self._throttle(chunk.length)
+            async with self._model_locks.setdefault(mid, asyncio.Lock()):
+                if self._present(mid, entry, chunk) or not mine(entry, chunk):
+                    continue
+                pf = self.pool.reserve_chunk(
+                    mid, location, entry.path, entry.size, entry.mtime_ns, chunk.length
+                )
+                if pf is None:
+                    state["state"] = "stopped: the pool is full"
+                    return
+                try:
+                    crc = await self._prefetch_chunk(source, fp, bases, pf, chunk)
+                except BaseException:
+                    self.pool.unreserve_chunk(pf, chunk.length)
+                    raise
+                pf.held[chunk.index] = crc
+                held += chunk.length
+                state["held_bytes"] = held
+                chunks = manifest.chunks(entry.path)
+                if len(pf.held) == len(chunks):
+                    self._complete_prefetched(location, entry, pf, chunks, manifest.chunk_size)
+        state["state"] = "done"
+
+    def _present(self, mid: str, entry: FileEntry, chunk: Chunk) -> bool:
+        pf = self.pool.get(mid, entry.path)
+        if pf is None:
+            return False
+        if pf.state is FileState.PARTIAL:
+            return chunk.index in pf.held
+        return pf.state is FileState.READY and self._fresh(mid, entry)
+
+    async def _throttle(self, nbytes: int) -> None:
+        rate = self.config.prefetch_rate
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        start = max(now, self._rate_next)
+        self._rate_next = start + nbytes / rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def _prefetch_chunk(
+        self, source: Source, fp: str, bases: dict[str, int], pf: PoolFile, chunk: Chunk
+    ) -> int:
+        """One chunk into a partial pool file: from a peer holding it, else the origin."""
+        fd = self.pool.create_partial(pf)
+        fill = FileFill(fd, pf.size)
+        index = bases[chunk.path] + chunk.index
+        try:
+            crc: int | None = None
+            cluster = self.cluster
+            if cluster is not None and self.peers is not None:
+                peers = self.peers
+                if not self.chunks.has_file(fp, pf.rel):
+                    self.chunks.add_file(fp, pf.rel, fd)
+                for node, want in cluster.holders(fp, index).items():
+                    address = cluster.address(node)
+                    if address is None:
+                        continue
+                    try:
+                        crc = await asyncio.get_running_loop().run_in_executor(
+                            self._peer_executor,
+                            _fetch_from_peer,
+                            peers,
+                            address,
+                            fp,
+                            fill,
+                            chunk,
+                            want,
+                        )
+                    except PeerError as e:
+                        self.counters.peer_failures += 1
+                        log.info("prefetch: %s", e)
+                        continue
+                    self.counters.bytes_from_peers += chunk.length
+                    break
+            if crc is None:
+                crc = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, fetch_chunk, source, fill, chunk
+                )
+                self.counters.bytes_from_origin += chunk.length
+            if cluster is not None:
+                self.chunks.add_chunk(fp, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
+                cluster.mark_held(fp, index, crc)
+            return crc
+        finally:
+            fill.close()
+
+    def _complete_prefetched(
+        self, location: str, entry: FileEntry, pf: PoolFile, chunks: list[Chunk], size: int
+    ) -> None:
+        crcs = [pf.held[c.index] for c in chunks]
+        actual = file_crc(crcs, chunks)
+        if entry.crc32 is not None and actual != entry.crc32:
+            self.counters.integrity_failures += 1
+            log.error(
+                "prefetch: %s/%s fails its CRC-32 (%08x, expected %08x): dropped",
+                location,
+                entry.path,
+                actual,
+                entry.crc32,
+            )
+            self.pool.discard(pf)
+            return
+        self.pool.commit(pf, size, crcs, actual)
+
     # -- the local API ---------------------------------------------------------------------------
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -664,6 +885,11 @@ class Daemon:
                         self._pool_changed.set()
                 elif isinstance(msg, p.Status):
                     await send(p.StatusReply(self.status()))
+                elif isinstance(msg, p.Prefetch):
+                    try:
+                        await send(p.StatusReply(self.add_prefetch(msg.path)))
+                    except MowsError as e:
+                        await send(p.error_message(e))
                 elif isinstance(msg, p.Reload):
                     try:
                         await send(p.StatusReply(self.reload()))
@@ -790,6 +1016,11 @@ class Daemon:
             "corrupt_chunks_from_peers": c.corrupt_from_peers,
             "models": models,
             "cluster": self._cluster_status(),
+            "prefetch": {
+                "policy": self.config.prefetch,
+                "rate_bytes_per_s": self.config.prefetch_rate or None,
+                "models": [{"path": loc, **st} for loc, st in self.prefetch_state.items()],
+            },
         }
 
     def _cluster_status(self) -> dict[str, object] | None:

@@ -53,6 +53,7 @@ def _pages(size: int) -> int:
 class FileState(Enum):
     FILLING = "filling"
     READY = "ready"
+    PARTIAL = "partial"  # some chunks, prefetched: served to peers, not to clients
 
 
 @dataclass
@@ -67,10 +68,12 @@ class PoolFile:
     chunk_size: int = 0
     chunk_crcs: list[int] = field(default_factory=list)
     last_used: float = 0.0
+    held: dict[int, int] = field(default_factory=dict)  # PARTIAL: chunk index -> CRC-32
+    held_bytes: int = 0  # PARTIAL: bytes reserved for the held chunks (page-rounded)
 
     @property
     def reserved(self) -> int:
-        return _pages(self.size)
+        return self.held_bytes if self.state is FileState.PARTIAL else _pages(self.size)
 
     @property
     def partial_path(self) -> str:
@@ -185,8 +188,19 @@ class Pool:
         """
         entries = list(entries)
         need = sum(_pages(size) for _, size, _ in entries)
-        stale = [self.files[(model, rel)] for rel, _, _ in entries if (model, rel) in self.files]
-        stale_bytes = sum(f.reserved for f in stale if f.state is FileState.READY)
+        existing = {
+            rel: self.files[(model, rel)] for rel, _, _ in entries if (model, rel) in self.files
+        }
+        # A prefetched partial file of the same source file is kept and completed in place.
+        partial = {
+            rel: f
+            for rel, f in existing.items()
+            if f.state is FileState.PARTIAL
+            and any(r == rel and sz == f.size and mt == f.mtime_ns for r, sz, mt in entries)
+        }
+        stale = [f for rel, f in existing.items() if rel not in partial]
+        stale_bytes = sum(f.reserved for f in stale if f.state is not FileState.FILLING)
+        stale_bytes += sum(f.reserved for f in partial.values())
         free = self.capacity - self.used_bytes + stale_bytes
         if need > free:
             requested = {(model, rel) for rel, _, _ in entries}
@@ -223,20 +237,62 @@ class Pool:
         os.makedirs(self.model_dir(model), mode=self.dir_mode, exist_ok=True)
         out = []
         for rel, size, mtime_ns in entries:
-            pf = PoolFile(
-                model, rel, size, os.path.join(self.model_dir(model), rel), mtime_ns=mtime_ns
-            )
-            self.files[(model, rel)] = pf
+            pf = partial.get(rel)
+            if pf is not None:
+                self.used_bytes -= pf.reserved
+                pf.state = FileState.FILLING  # keeps its held chunks
+            else:
+                pf = PoolFile(
+                    model, rel, size, os.path.join(self.model_dir(model), rel), mtime_ns=mtime_ns
+                )
+                self.files[(model, rel)] = pf
             self.used_bytes += pf.reserved
             out.append(pf)
         assert self.used_bytes <= self.capacity, "pool cap exceeded"
         return out
 
+    def reserve_chunk(
+        self, model: str, source: str, rel: str, size: int, mtime_ns: int, length: int
+    ) -> PoolFile | None:
+        """Room for one prefetched chunk, in a PARTIAL file; None if the pool is full.
+        Prefetch never evicts: it only fills memory nobody else is using."""
+        need = _pages(length)
+        if self.used_bytes + need > self.capacity:
+            return None
+        pf = self.files.get((model, rel))
+        if pf is None:
+            self.sources.setdefault(model, source)
+            os.makedirs(self.model_dir(model), mode=self.dir_mode, exist_ok=True)
+            pf = PoolFile(
+                model,
+                rel,
+                size,
+                os.path.join(self.model_dir(model), rel),
+                state=FileState.PARTIAL,
+                mtime_ns=mtime_ns,
+            )
+            self.files[(model, rel)] = pf
+        if pf.state is not FileState.PARTIAL:
+            return None
+        pf.held_bytes += need
+        self.used_bytes += need
+        return pf
+
+    def unreserve_chunk(self, pf: PoolFile, length: int) -> None:
+        """Give back a chunk's room after its fetch failed."""
+        if pf.state is FileState.PARTIAL and self.files.get((pf.model, pf.rel)) is pf:
+            pf.held_bytes -= _pages(length)
+            self.used_bytes -= _pages(length)
+            if not pf.held and pf.held_bytes == 0:
+                self._remove(pf)
+
     def _victims(self) -> list[PoolFile]:
         """Evictable files in eviction order: copies other nodes also hold first, the
         cluster's last copies last; least recently used first among equals."""
         cands = [
-            f for f in self.files.values() if f.state is FileState.READY and not self.is_locked(f)
+            f
+            for f in self.files.values()
+            if f.state is not FileState.FILLING and not self.is_locked(f)
         ]
         last_copy = self.last_copy
         return sorted(
@@ -277,9 +333,8 @@ class Pool:
     def create_partial(self, f: PoolFile) -> int:
         """Create the file's partial shared-memory file at full size; returns an O_RDWR fd."""
         os.makedirs(os.path.dirname(f.partial_path), mode=self.dir_mode, exist_ok=True)
-        fd = os.open(
-            f.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.file_mode
-        )
+        trunc = 0 if f.held else os.O_TRUNC  # a prefetched partial file keeps its chunks
+        fd = os.open(f.partial_path, os.O_RDWR | os.O_CREAT | trunc | os.O_CLOEXEC, self.file_mode)
         try:
             os.ftruncate(fd, f.size)
         except OSError:
@@ -290,6 +345,9 @@ class Pool:
     def commit(self, f: PoolFile, chunk_size: int, chunk_crcs: list[int], crc32: int) -> None:
         """Publish a fully fetched, verified file."""
         os.replace(f.partial_path, f.path)
+        if f.state is FileState.PARTIAL:  # completed by prefetch: account the whole file
+            self.used_bytes += _pages(f.size) - f.held_bytes
+        f.held = {}
         f.chunk_size = chunk_size
         f.chunk_crcs = chunk_crcs
         f.crc32 = crc32
