@@ -20,9 +20,26 @@ def prefetch_state(d: Any, model: Path) -> dict[str, Any]:
 
 
 def test_single_node_prefetches_the_whole_model(daemon_factory: Any, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+    from tests.integration.test_operations import scrape
+
     model = make_random_model(tmp_path / "m", 16, files=2)
-    d = daemon_factory(roots=[], extra=["--model-path", str(model), "--prefetch-delay", "0"])
+    port = free_port()
+    d = daemon_factory(
+        roots=[],
+        extra=[
+            "--model-path",
+            str(model),
+            "--prefetch-delay",
+            "0",
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+        ],
+    )
     _wait(lambda: prefetch_state(d, model).get("state") == "done", timeout=30)
+    metrics = scrape(port)
+    size = sum(f.stat().st_size for f in model.iterdir())
+    assert metrics[f'mows_prefetch_bytes{{kind="held",model="{model}"}}'] == size
     st = d.status()
     assert st["models"][0]["cached_fraction"] == 1.0
     assert st["bytes_from_origin"] == st["models"][0]["bytes"]

@@ -123,3 +123,12 @@ class _StatusCollector(Collector):
                 loading.add_metric([m["path"], "done"], m["progress"]["done"])
                 loading.add_metric([m["path"], "total"], m["progress"]["total"])
         yield loading
+        prefetch = GaugeMetricFamily(
+            "mows_prefetch_bytes",
+            "Idle prefetch: bytes held and targeted, per model.",
+            labels=["model", "kind"],
+        )
+        for m in st.get("prefetch", {}).get("models", []):
+            prefetch.add_metric([m["path"], "held"], m.get("held_bytes", 0))
+            prefetch.add_metric([m["path"], "target"], m.get("target_bytes", 0))
+        yield prefetch
