@@ -67,3 +67,20 @@ def test_bomb_is_refused() -> None:
     bomb = zlib.compress(b"\0" * 10_000_000)
     with pytest.raises(ProtocolError):
         decode_bitmap(bomb, 8)
+
+
+def test_min_copies_counts_only_the_range() -> None:
+    from mows.cluster import Cluster, NodeInfo
+
+    cl = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 1))
+    cl.join("fp", 6)
+    for i in (0, 1, 2):
+        cl.mark_held("fp", i, 0)
+    cl.nodes["peer"] = NodeInfo("peer", "127.0.0.1:2", 1)
+    cl.models["fp"].others["peer"] = ({1, 2, 3}, [0] * 6)
+    assert cl.copies("fp") == [1, 2, 2, 1, 0, 0]
+    assert cl.min_copies("fp", 1, 3) == 2
+    assert cl.min_copies("fp", 0, 3) == 1
+    assert cl.min_copies("fp", 3, 6) == 0
+    del cl.nodes["peer"]  # a dead node's chunks do not count
+    assert cl.min_copies("fp", 1, 3) == 1

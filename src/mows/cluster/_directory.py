@@ -349,6 +349,15 @@ class Cluster:
         except TimeoutError:
             return False
 
+    def min_copies(self, fp: str, start: int, stop: int) -> int:
+        """The fewest live copies (us included) of any chunk in ``[start, stop)``: only that
+        range is counted, so eviction can ask it for every candidate file cheaply."""
+        m = self.models.get(fp)
+        if m is None or start >= stop:
+            return 0
+        holders = [held for node, (held, _) in m.others.items() if node in self.nodes]
+        return min((i in m.mine) + sum(i in held for held in holders) for i in range(start, stop))
+
     def copies(self, fp: str) -> list[int]:
         """How many live nodes (us included) hold each chunk of the model."""
         m = self.models.get(fp)

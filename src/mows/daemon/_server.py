@@ -240,8 +240,8 @@ class Daemon:
         base = _FetchJob.bases(manifest).get(f.rel)
         if base is None:
             return True
-        copies = self.cluster.copies(fp)[base : base + -(-f.size // manifest.chunk_size)]
-        return not copies or min(copies) <= 1
+        n = -(-f.size // manifest.chunk_size)
+        return self.cluster.min_copies(fp, base, base + n) <= 1
 
     def _on_pool_remove(self, f: PoolFile) -> None:
         """A file left the pool: stop serving it and tell the cluster."""
