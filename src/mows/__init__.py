@@ -23,6 +23,7 @@ from ._errors import (
 from .client import (
     DaemonFallbackWarning,
     ModelHandle,
+    OriginUnreachableWarning,
     TensorSlice,
     iter_weights,
     load_state_dict,
@@ -45,6 +46,7 @@ __all__ = [
     "ManifestError",
     "ModelHandle",
     "MowsError",
+    "OriginUnreachableWarning",
     "PeerError",
     "ProtocolError",
     "SourceError",

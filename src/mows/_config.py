@@ -95,6 +95,7 @@ class DaemonConfig:
     prefetch_rate: int = 0  # bytes/s cap of prefetch; 0 = no cap
     prefetch_delay: float = 3.0  # seconds after start before prefetching (membership settles)
     drain_timeout: float = 10.0  # seconds SIGTERM waits for loads in progress
+    load_timeout: float = 60.0  # seconds a load may wait for pool space before CapacityError
 
     def __post_init__(self) -> None:
         if self.max_memory <= 0:
@@ -120,6 +121,8 @@ class DaemonConfig:
             raise ConfigError("prefetch_rate and prefetch_delay: must be >= 0")
         if self.drain_timeout < 0:
             raise ConfigError("drain_timeout: must be >= 0")
+        if self.load_timeout < 0:
+            raise ConfigError("load_timeout: must be >= 0")
         for key in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, key)
             if value and not re.fullmatch(r"\[?[^\s\]]*\]?:\d{1,5}", value):
@@ -177,6 +180,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "peer_connections": ("peer_connections", lambda v, k: _int(v, k)),
     "metrics_listen": ("metrics_listen", lambda v, k: _str(v, k)),
     "drain_timeout": ("drain_timeout", lambda v, k: _float(v, k)),
+    "load_timeout": ("load_timeout", lambda v, k: _float(v, k)),
     "prefetch": ("prefetch", lambda v, k: _str(v, k)),
     "prefetch_rate": ("prefetch_rate", lambda v, k: 0 if str(v) == "0" else parse_size(v, k)),
     "prefetch_delay": ("prefetch_delay", lambda v, k: _float(v, k)),

@@ -38,7 +38,7 @@ __all__ = [
     "send_frame",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 2**20
 _LEN = struct.Struct(">I")
 
@@ -52,14 +52,17 @@ class Open(msgspec.Struct, tag=True, frozen=True):
     """Fetch a model into the pool (if needed) and pin it for this connection."""
 
     path: str
-    crc32_file: str | None = None  # None: the daemon's configured default
+    # The crc32 file is the daemon's configuration, never a client's choice: a client may
+    # name the one it expects, and gets a ConfigError if the daemon checks another.
+    crc32_file: str | None = None
     pin: bool = True
     files: list[str] | None = None  # only these files (streaming); None: the whole model
+    version: str | None = None  # this exact version (a stream keeps reading one version)
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):
-    """Drop one pin this connection holds on ``model`` (or on ``files`` of it); no reply.
-    ``consumed`` files (streamed and done with) are the first the pool evicts."""
+    """Drop one pin this connection holds on version ``model`` (or on ``files`` of it); no
+    reply. ``consumed`` files (streamed and done with) are the first the pool evicts."""
 
     model: str
     files: list[str] | None = None
@@ -95,13 +98,14 @@ class Progress(msgspec.Struct, tag=True, frozen=True):
 
 
 class Ready(msgspec.Struct, tag=True, frozen=True):
-    model: str  # the model id, used in Release
-    manifest: Manifest
+    model: str  # the version id: what Release names, and what every file here belongs to
+    manifest: Manifest  # with tensor indexes (from the verified pool bytes) of ``files``
     files: dict[str, str]  # relative path -> pool file path, for the files asked for
     bytes_from_origin: int
     bytes_from_peers: int
     bytes_from_pool: int
     seconds: float
+    stale: str = ""  # why the origin could not be asked: this is the cached version
 
 
 class Error(msgspec.Struct, tag=True, frozen=True):

@@ -33,6 +33,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--metrics-listen", {"help": "HOST:PORT for Prometheus metrics [off]."}),
     ("--drain-timeout", {"help": "Seconds SIGTERM waits for loads in progress [10]."}),
     (
+        "--load-timeout",
+        {"help": "Seconds a load may wait in line for pool space before a CapacityError [60]."},
+    ),
+    (
         "--prefetch",
         {
             "type": click.Choice(["share", "full", "off"]),

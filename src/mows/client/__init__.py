@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._model import (
     DaemonFallbackWarning,
     ModelHandle,
+    OriginUnreachableWarning,
     TensorSlice,
     iter_weights,
     load_state_dict,
@@ -15,6 +16,7 @@ from ._session import Session, get_session
 __all__ = [
     "DaemonFallbackWarning",
     "ModelHandle",
+    "OriginUnreachableWarning",
     "Session",
     "TensorSlice",
     "get_session",

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DaemonFallbackWarning",
     "ModelHandle",
+    "OriginUnreachableWarning",
     "TensorSlice",
     "iter_weights",
     "load_state_dict",
@@ -44,6 +45,11 @@ ProgressFn = Callable[[int, int], None]
 
 class DaemonFallbackWarning(UserWarning):
     """No daemon answered: the model was read straight from its source."""
+
+
+class OriginUnreachableWarning(UserWarning):
+    """The model's origin could not be asked whether it changed: the daemon opened the
+    version it has cached (complete and verified), which may be older than the origin's."""
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -123,6 +129,7 @@ class ModelHandle:
     ) -> None:
         self.manifest = manifest
         self.model = model
+        self.version = model  # the version id: every tensor of this handle comes from it
         self.files = dict(files)  # relative path -> local file (pool file, or source file)
         self.stats = dict(stats or {})
         self._guard = _PinGuard(release)
@@ -231,6 +238,12 @@ def open_model(
 ) -> ModelHandle:
     """Open a model through the local daemon, which fetches it into the pool if needed.
 
+    The handle is bound to one version of the model: whatever happens at the origin while it
+    is open, every tensor it gives comes from that version. If the origin cannot be reached
+    and the daemon holds a cached version, that version is opened with an
+    ``OriginUnreachableWarning``. ``crc32_file`` is the daemon's configuration: naming
+    another one is a ``ConfigError`` (it is used when reading directly, without a daemon).
+
     With no daemon reachable, reads the source directly with one ``DaemonFallbackWarning``
     (or raises ``DaemonUnavailableError`` if ``fallback`` is False).
     """
@@ -247,6 +260,13 @@ def open_model(
         )
         return _open_direct(location, crc32_file or "crc32.txt")
     ready = session.open(location, crc32_file, progress)
+    if ready.stale:
+        warnings.warn(
+            f"{location}: the origin could not be reached ({ready.stale}); opened the cached "
+            f"version {ready.model}",
+            OriginUnreachableWarning,
+            stacklevel=2,
+        )
     model = ready.model
     return ModelHandle(
         ready.manifest,
@@ -325,8 +345,11 @@ def iter_weights(
 def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]:
     location = path if "://" in path else os.path.abspath(path)
     first = get_session(socket)
-    manifest = first.open(location, files=[], pin=False).manifest
-    order = [f.path for f in manifest.files if f.safetensors is not None]
+    head = first.open(location, files=[], pin=False)
+    # Every file is then asked for by version: an update at the origin mid-stream is never
+    # mixed in (the old version's files stay fetchable, and are checked, by its manifest).
+    version, manifest = head.model, head.manifest
+    order = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
     # Two connections: the next file loads on one while the consumer reads the other's.
     second = Session(first.path)
     sessions = (first, second)
@@ -335,7 +358,7 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
 
     def fetch(i: int) -> tuple[Session, ModelHandle]:
         session = sessions[i % 2]
-        ready = session.open(location, files=[order[i]])
+        ready = session.open(location, files=[order[i]], version=version)
         held[i] = (session, ready.model)
         return session, ModelHandle(ready.manifest, ready.files, model=ready.model)
 

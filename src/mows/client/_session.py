@@ -73,13 +73,15 @@ class Session:
         *,
         pin: bool = True,
         files: list[str] | None = None,
+        version: str | None = None,
     ) -> p.Ready:
         """Have the daemon fetch ``path`` (or only ``files`` of it) into the pool; ``pin``
         keeps them there while this connection holds them (the caller then owes one
-        ``release`` with the same ``files``)."""
+        ``release`` with the same ``files``). ``version`` asks for that exact version (a
+        reader that must not see an update made at the origin meanwhile)."""
         with self._request_lock:
             try:
-                self._send(p.Open(path, crc32_file, pin, files))
+                self._send(p.Open(path, crc32_file, pin, files, version))
             except OSError as e:
                 self.closed = True
                 raise DaemonUnavailableError(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._server import Daemon, run_daemon
+from ._daemon import Daemon, run_daemon
 
 __all__ = ["Daemon", "run_daemon"]

@@ -11,7 +11,9 @@ from ._model import (
     Manifest,
     ManifestSource,
     build_manifest,
+    chunk_count,
     chunk_plan,
+    version_id,
 )
 from ._safetensors import (
     DTYPE_SIZES,
@@ -36,9 +38,11 @@ __all__ = [
     "TensorInfo",
     "build_manifest",
     "check_relative_path",
+    "chunk_count",
     "chunk_plan",
     "format_crc32",
     "parse_crc32",
     "parse_safetensors_header",
     "read_safetensors_index",
+    "version_id",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import msgspec
@@ -18,7 +19,9 @@ __all__ = [
     "Manifest",
     "ManifestSource",
     "build_manifest",
+    "chunk_count",
     "chunk_plan",
+    "version_id",
 ]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
@@ -70,6 +73,25 @@ class Manifest(msgspec.Struct, frozen=True):
 
     def chunks(self, path: str) -> list[Chunk]:
         return chunk_plan(self.file(path), self.chunk_size)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks a file of ``size`` bytes has (the last may be short)."""
+    return -(-size // chunk_size)
+
+
+def version_id(manifest: Manifest) -> str:
+    """A model version's identity: what its bytes are, never where or when they were read.
+
+    Names, sizes, crc32.txt values and the chunk plan; no timestamps, so identical content at
+    two locations is one version. A file the crc32 file does not list has no content identity:
+    its modification time stands in for one, so that an update of it is still a new version.
+    """
+    h = hashlib.sha256(f"mows-version-1\0{manifest.chunk_size}".encode())
+    for f in manifest.files:
+        content = f"{f.crc32:08x}" if f.crc32 is not None else f"mtime:{f.mtime_ns}"
+        h.update(f"\0{f.path}\0{f.size}\0{content}".encode())
+    return h.hexdigest()[:24]
 
 
 def chunk_plan(entry: FileStat | FileEntry, chunk_size: int) -> list[Chunk]:

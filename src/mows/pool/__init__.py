@@ -1,7 +1,8 @@
-"""The node memory pool: shared-memory files under a hard cap, LRU eviction, pins."""
+"""The node memory pool: model versions in shared memory under a hard cap, pins, eviction."""
 
 from __future__ import annotations
 
-from ._pool import FileState, Pool, PoolFile, WouldWait, model_id
+from ._pool import LocationRecord, Pool, index_file
+from ._version import FileState, PoolFile, Version, pages
 
-__all__ = ["FileState", "Pool", "PoolFile", "WouldWait", "model_id"]
+__all__ = ["FileState", "LocationRecord", "Pool", "PoolFile", "Version", "index_file", "pages"]

@@ -1,14 +1,14 @@
-"""The node memory pool: one shared-memory file per model file, under a hard byte cap.
+"""The node memory pool: the versions it holds, under a hard byte cap.
 
-Accounting is by reservation: a file's bytes (rounded up to pages) count from the moment
-its fill starts, so partial files never push the pool over the cap. Files are evicted whole,
-least recently used first, and only when ready and unpinned. Eviction unlinks: a process that
-still maps the file keeps valid pages (the kernel frees them at its last unmap), so eviction
-never unmaps or zeroes memory under a live tensor.
+Accounting is by reservation: a file's bytes (rounded up to pages) count from the moment its
+fill starts, so partial files never push the pool over the cap. Files are evicted whole, and
+only when ready (or partial) and held by nobody: superseded versions first, then copies other
+nodes also hold, then least recently used. Eviction unlinks, and a pinned file is never
+evicted, so every page a client maps is a page this pool counts.
 
-A file becomes visible (renamed from ``.partial`` and recorded in the model's metadata) only
+A file becomes visible (renamed from ``.partial`` and recorded in its version's metadata) only
 after every chunk passed its CRC and the whole file matched its crc32.txt entry. On start,
-recorded files are re-verified against their chunk CRCs and adopted, everything else removed.
+recorded files are re-read against their chunk CRCs and adopted; everything else is removed.
 
 Not thread-safe: the daemon calls it from its event loop only.
 """
@@ -16,72 +16,36 @@ Not thread-safe: the daemon calls it from its event loop only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import msgspec
 
-from .._errors import CapacityError
+from .._crc import combine_chunks
+from .._errors import CapacityError, HeaderError
+from ..manifest import Manifest, SafetensorsIndex, read_safetensors_index, version_id
+from ._version import FileState, PoolFile, Version, pages
 
-__all__ = ["FileState", "Pool", "PoolFile", "WouldWait", "model_id"]
+__all__ = ["LocationRecord", "Pool", "index_file"]
 
 log = logging.getLogger("mows.pool")
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-META = ".mows-meta.json"
-PARTIAL = ".partial"
+VERSION_META = ".mows-version.json"
+LOCATIONS = ".mows-locations.json"
+META_FORMAT = 2
+_VID = re.compile(r"[0-9a-f]{24}")
 
 
-def model_id(location: str) -> str:
-    """A stable, filesystem-safe id: a readable name plus a hash of the full location."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", location.rstrip("/").rsplit("/", 1)[-1])[:48] or "model"
-    return f"{name}-{hashlib.sha256(location.encode()).hexdigest()[:12]}"
+class LocationRecord(msgspec.Struct, frozen=True):
+    """Which version an origin location held when last checked, and the digest of its crc32
+    file then (a warm open compares it with one request)."""
 
-
-def _pages(size: int) -> int:
-    return -(-size // PAGE) * PAGE
-
-
-class FileState(Enum):
-    FILLING = "filling"
-    READY = "ready"
-    PARTIAL = "partial"  # some chunks, prefetched: served to peers, not to clients
-
-
-@dataclass
-class PoolFile:
-    model: str
-    rel: str
-    size: int
-    path: str  # where clients find it once ready
-    state: FileState = FileState.FILLING
-    mtime_ns: int = 0  # of the source file it was filled from
-    crc32: int = 0
-    chunk_size: int = 0
-    chunk_crcs: list[int] = field(default_factory=list)
-    last_used: float = 0.0
-    held: dict[int, int] = field(default_factory=dict)  # PARTIAL: chunk index -> CRC-32
-    held_bytes: int = 0  # PARTIAL: bytes reserved for the held chunks (page-rounded)
-
-    @property
-    def reserved(self) -> int:
-        return self.held_bytes if self.state is FileState.PARTIAL else _pages(self.size)
-
-    @property
-    def partial_path(self) -> str:
-        return self.path + PARTIAL
-
-
-class WouldWait(Exception):
-    """The request does not fit now, but loads in progress will free enough when they end."""
+    version: str
+    digest: str = ""
 
 
 class Pool:
@@ -92,215 +56,198 @@ class Pool:
         *,
         dir_mode: int = 0o750,
         file_mode: int = 0o640,
-        on_remove: Callable[[PoolFile], None] | None = None,
-    ):
+    ) -> None:
         self.root = os.path.abspath(root)
         self.capacity = capacity
         self.dir_mode = dir_mode
         self.file_mode = file_mode
-        self.files: dict[tuple[str, str], PoolFile] = {}
-        self.sources: dict[str, str] = {}  # model id -> source location
-        self.expected: dict[str, dict[str, int]] = {}  # model id -> {file: size} of the model
-        self.pins: dict[str, int] = {}  # model id -> client pins on the whole model
-        self.file_pins: dict[tuple[str, str], int] = {}  # (model, file) -> streaming pins
-        self.busy: dict[tuple[str, str], int] = {}  # (model, file) -> loads using it
-        # Told whether evicting a file would drop the cluster's last copy of some of it:
-        # those go last. None (a single node): every file is a last copy, plain LRU.
+        self.versions: dict[str, Version] = {}
+        self.locations: dict[str, LocationRecord] = {}
+        # Would evicting this file drop the cluster's last copy of some of it? Those go last.
+        # None (a single node): every file is a last copy, plain LRU.
         self.last_copy: Callable[[PoolFile], bool] | None = None
-        self.on_remove = on_remove  # told of every file leaving the pool (evicted, discarded)
+        self.on_remove: Callable[[PoolFile], None] | None = None  # a file left the pool
+        self.on_forget: Callable[[Version], None] | None = None  # a version left for good
+        self.on_change: Callable[[], None] | None = None  # space may have been freed
         self.used_bytes = 0
         self.evictions = 0
         self.evicted_bytes = 0
         self.evicted_last_copy_bytes = 0
         os.makedirs(self.root, mode=0o755, exist_ok=True)
 
-    # -- queries -------------------------------------------------------------------------
-    def model_dir(self, model: str) -> str:
-        return os.path.join(self.root, model)
+    # -- versions and locations --------------------------------------------------------------
+    def version(self, manifest: Manifest) -> Version:
+        """The version holding ``manifest``'s content (one per content, whatever its origin)."""
+        vid = version_id(manifest)
+        v = self.versions.get(vid)
+        if v is None:
+            v = self.versions[vid] = Version(manifest, vid, self.root)
+        return v
 
-    def get(self, model: str, rel: str) -> PoolFile | None:
-        return self.files.get((model, rel))
+    def bind(self, location: str, version: Version, digest: str) -> None:
+        """``location`` now holds ``version``; the version it held before is superseded."""
+        old = self.locations.get(location)
+        if old is not None and old.version != version.id:
+            prev = self.versions.get(old.version)
+            if prev is not None:
+                prev.locations.discard(location)
+                log.info(
+                    "%s changed at its origin: version %s supersedes %s",
+                    location,
+                    version.id,
+                    prev.id,
+                )
+                self._forget_if_unused(prev)
+        version.locations.add(location)
+        record = LocationRecord(version.id, digest)
+        if old != record:
+            self.locations[location] = record
+            self._write_locations()
 
-    def model_files(self, model: str) -> list[PoolFile]:
-        return [f for (m, _), f in self.files.items() if m == model]
-
-    def is_locked(self, f: PoolFile) -> bool:
-        key = (f.model, f.rel)
-        return (
-            self.pins.get(f.model, 0) > 0
-            or self.file_pins.get(key, 0) > 0
-            or self.busy.get(key, 0) > 0
-        )
+    def files(self) -> Iterator[PoolFile]:
+        for v in self.versions.values():
+            yield from v.files.values()
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(f.reserved for f in self.files.values() if self.is_locked(f))
+        return sum(f.reserved for f in self.files() if f.locked)
 
-    # -- pins and loads in progress ----------------------------------------------------------
-    def pin(self, model: str, rels: Iterable[str] | None = None) -> None:
-        """Pin the whole model (``rels`` None) or some of its files."""
+    # -- pins ----------------------------------------------------------------------------------
+    def pin(self, files: Iterable[PoolFile], *, transient: bool) -> None:
         now = time.monotonic()
-        if rels is None:
-            self.pins[model] = self.pins.get(model, 0) + 1
-            touched = self.model_files(model)
-        else:
-            touched = []
-            for rel in rels:
-                self.file_pins[(model, rel)] = self.file_pins.get((model, rel), 0) + 1
-                if (model, rel) in self.files:
-                    touched.append(self.files[(model, rel)])
-        for f in touched:
+        for f in files:
+            if transient:
+                f.transient_pins += 1
+            else:
+                f.pins += 1
             f.last_used = now
 
-    def unpin(
-        self, model: str, rels: Iterable[str] | None = None, *, consumed: bool = False
-    ) -> None:
-        """Drop a pin; ``consumed`` files (streamed and done with) are evicted first."""
-        if rels is None:
-            _decrement(self.pins, model)
-            return
-        for rel in rels:
-            _decrement(self.file_pins, (model, rel))
-            f = self.files.get((model, rel))
-            if consumed and f is not None:
+    def unpin(self, files: Iterable[PoolFile], *, transient: bool, consumed: bool = False) -> None:
+        """Drop a hold; ``consumed`` files (streamed and done with) are evicted first."""
+        for f in files:
+            if transient:
+                f.transient_pins = max(0, f.transient_pins - 1)
+            else:
+                f.pins = max(0, f.pins - 1)
+            if consumed:
                 f.last_used = -1.0
+        self._changed()
 
-    def mark_busy(self, model: str, rels: Iterable[str]) -> None:
-        for rel in rels:
-            self.busy[(model, rel)] = self.busy.get((model, rel), 0) + 1
+    # -- admission, reservation and eviction ---------------------------------------------------
+    def need(self, version: Version, rels: list[str]) -> int:
+        """Bytes that admitting ``rels`` of ``version`` would add to the pool."""
+        out = 0
+        for r in rels:
+            f = version.files.get(r)
+            if f is None:
+                out += pages(version.entry(r).size)
+            elif f.state is FileState.PARTIAL:
+                out += pages(f.size) - f.held_bytes
+        return out
 
-    def unmark_busy(self, model: str, rels: Iterable[str]) -> None:
-        for rel in rels:
-            _decrement(self.busy, (model, rel))
+    def admit(self, version: Version, rels: list[str], *, transient: bool) -> list[PoolFile] | None:
+        """Room for ``rels`` of ``version``, all or nothing, and a pin on each of them in the
+        same step (so nothing can evict a file between its load and its client's pin).
 
-    # -- reservation and eviction ----------------------------------------------------------
-    def reserve(
-        self,
-        model: str,
-        source: str,
-        entries: Iterable[tuple[str, int, int]],
-        expected: Mapping[str, int],
-    ) -> list[PoolFile]:
-        """Reserve room for ``(rel, size, mtime_ns)`` files of ``model``, evicting LRU files.
-
-        Raises ``WouldWait`` if loads in progress hold the space, ``CapacityError`` if the
-        files cannot fit even when every unpinned file is evicted.
+        Files not yet in the pool are reserved (FILLING) for the caller to fill. Returns None
+        when memory that will be released (evictable later, held only transiently) is needed:
+        the caller waits and asks again. Raises ``CapacityError`` when it can never fit.
         """
-        entries = list(entries)
-        need = sum(_pages(size) for _, size, _ in entries)
-        existing = {
-            rel: self.files[(model, rel)] for rel, _, _ in entries if (model, rel) in self.files
-        }
-        # A prefetched partial file of the same source file is kept and completed in place.
-        partial = {
-            rel: f
-            for rel, f in existing.items()
-            if f.state is FileState.PARTIAL
-            and any(r == rel and sz == f.size and mt == f.mtime_ns for r, sz, mt in entries)
-        }
-        stale = [f for rel, f in existing.items() if rel not in partial]
-        stale_bytes = sum(f.reserved for f in stale if f.state is not FileState.FILLING)
-        stale_bytes += sum(f.reserved for f in partial.values())
-        free = self.capacity - self.used_bytes + stale_bytes
+        present = [version.files[r] for r in rels if r in version.files]
+        need = self.need(version, rels)
+        free = self.capacity - self.used_bytes
         if need > free:
-            requested = {(model, rel) for rel, _, _ in entries}
-            victims = [f for f in self._victims() if (f.model, f.rel) not in requested]
-            evictable = sum(f.reserved for f in victims)
-            if need > free + evictable:
-                # Space other models' loads will release when they end. Never this model's
-                # own files: its loads run one at a time, so they would wait on themselves.
-                waiting = sum(
-                    f.reserved
-                    for key, f in self.files.items()
-                    if f.model != model
-                    and self.busy.get(key, 0)
-                    and not self.pins.get(f.model)
-                    and not self.file_pins.get(key)
-                )
-                if need <= free + evictable + waiting:
-                    raise WouldWait
-                locked = self.pinned_bytes
-                raise CapacityError(
-                    f"model {source} needs {need:,} bytes in the pool; capacity is "
-                    f"{self.capacity:,} bytes, of which {locked:,} are pinned by clients or "
-                    "loads in progress (raise --max-memory, or release other models)"
-                )
+            keep = set(present)
+            victims = self._victims(keep)
+            if need > free + sum(f.reserved for f in victims):
+                held = sum(f.reserved for f in self.files() if f.pins and f not in keep)
+                if need > self.capacity - held - sum(f.reserved for f in present):
+                    raise CapacityError(self.explain(version, need))
+                return None
             for f in victims:
                 if need <= free:
                     break
                 self._evict(f)
                 free += f.reserved
-        for f in stale:
-            self._remove(f)
-        self.sources[model] = source
-        self.expected[model] = dict(expected)
-        os.makedirs(self.model_dir(model), mode=self.dir_mode, exist_ok=True)
         out = []
-        for rel, size, mtime_ns in entries:
-            pf = partial.get(rel)
-            if pf is not None:
+        for rel in rels:
+            pf = version.files.get(rel)
+            if pf is None:
+                pf = version.files[rel] = PoolFile(version, version.entry(rel), FileState.FILLING)
+                self.used_bytes += pf.reserved
+            elif pf.state is FileState.PARTIAL:
                 self.used_bytes -= pf.reserved
-                pf.state = FileState.FILLING  # keeps its held chunks
-            else:
-                pf = PoolFile(
-                    model, rel, size, os.path.join(self.model_dir(model), rel), mtime_ns=mtime_ns
-                )
-                self.files[(model, rel)] = pf
-            self.used_bytes += pf.reserved
+                pf.state = FileState.FILLING  # keeps its prefetched chunks
+                self.used_bytes += pf.reserved
             out.append(pf)
         assert self.used_bytes <= self.capacity, "pool cap exceeded"
+        self.pin(out, transient=transient)
         return out
 
-    def reserve_chunk(
-        self, model: str, source: str, rel: str, size: int, mtime_ns: int, length: int
-    ) -> PoolFile | None:
-        """Room for one prefetched chunk, in a PARTIAL file; None if the pool is full.
-        Prefetch never evicts: it only fills memory nobody else is using."""
-        need = _pages(length)
+    def explain(self, version: Version, need: int) -> str:
+        """Why ``need`` more bytes do not fit: the cap and what holds the memory."""
+        holders: dict[str, int] = {}
+        for f in self.files():
+            if f.locked:
+                key = f"{f.version.manifest.source} ({f.version.id[:12]})"
+                holders[key] = holders.get(key, 0) + f.reserved
+        top = sorted(holders.items(), key=lambda kv: -kv[1])[:5]
+        held = ", ".join(f"{k}: {n:,}" for k, n in top) or "nothing"
+        return (
+            f"model {version.manifest.source} needs {need:,} more bytes in the pool; capacity is "
+            f"{self.capacity:,} bytes, {self.used_bytes:,} used, {self.pinned_bytes:,} held by "
+            f"clients and loads in progress ({held}); raise --max-memory or release models"
+        )
+
+    def reserve_chunk(self, version: Version, rel: str, length: int) -> PoolFile | None:
+        """Room for one prefetched chunk in a PARTIAL file, held (transiently) for the
+        writer; None if the pool is full or the file is not partial. Never evicts."""
+        need = pages(length)
         if self.used_bytes + need > self.capacity:
             return None
-        pf = self.files.get((model, rel))
-        if pf is None:
-            self.sources.setdefault(model, source)
-            os.makedirs(self.model_dir(model), mode=self.dir_mode, exist_ok=True)
-            pf = PoolFile(
-                model,
-                rel,
-                size,
-                os.path.join(self.model_dir(model), rel),
-                state=FileState.PARTIAL,
-                mtime_ns=mtime_ns,
-            )
-            self.files[(model, rel)] = pf
-        if pf.state is not FileState.PARTIAL:
+        f = version.files.get(rel)
+        if f is None:
+            f = version.files[rel] = PoolFile(version, version.entry(rel), FileState.PARTIAL)
+        if f.state is not FileState.PARTIAL:
             return None
-        pf.held_bytes += need
+        f.held_bytes += need
         self.used_bytes += need
-        return pf
+        self.pin([f], transient=True)
+        return f
 
-    def unreserve_chunk(self, pf: PoolFile, length: int) -> None:
-        """Give back a chunk's room after its fetch failed."""
-        if pf.state is FileState.PARTIAL and self.files.get((pf.model, pf.rel)) is pf:
-            pf.held_bytes -= _pages(length)
-            self.used_bytes -= _pages(length)
-            if not pf.held and pf.held_bytes == 0:
-                self._remove(pf)
+    def end_chunk(self, f: PoolFile, index: int, length: int, crc: int | None) -> None:
+        """A prefetched chunk was written (``crc``) or failed (None); the writer's hold ends.
+        A file a load took over meanwhile (FILLING) keeps its full reservation, and the chunk:
+        the load waits for this write before it plans its own."""
+        if f.state is not FileState.READY and self._owns(f):
+            if crc is not None:
+                f.chunk_crcs[index] = crc
+            elif f.state is FileState.PARTIAL:
+                f.held_bytes -= pages(length)
+                self.used_bytes -= pages(length)
+        self.unpin([f], transient=True)
+        if f.state is FileState.PARTIAL and not f.chunk_crcs and not f.locked:
+            self.discard(f)
 
-    def _victims(self) -> list[PoolFile]:
-        """Evictable files in eviction order: copies other nodes also hold first, the
-        cluster's last copies last; least recently used first among equals."""
-        cands = [
-            f
-            for f in self.files.values()
-            if f.state is not FileState.FILLING and not self.is_locked(f)
-        ]
+    def _owns(self, f: PoolFile) -> bool:
+        return f.version.files.get(f.rel) is f and self.versions.get(f.version.id) is f.version
+
+    def _victims(self, keep: Collection[PoolFile] = ()) -> list[PoolFile]:
+        """Evictable files in eviction order: superseded versions first, then copies other
+        nodes also hold, the cluster's last copies last; least recently used among equals."""
+        cands = [f for f in self.files() if not f.locked and f not in keep]
         last_copy = self.last_copy
         return sorted(
-            cands, key=lambda f: (last_copy(f) if last_copy is not None else True, f.last_used)
+            cands,
+            key=lambda f: (
+                not f.version.superseded,
+                last_copy(f) if last_copy is not None else True,
+                f.last_used,
+            ),
         )
 
     def _evict(self, f: PoolFile) -> None:
-        log.info("evicting %s/%s (%d bytes)", f.model, f.rel, f.size)
+        log.info("evicting %s/%s (%d bytes)", f.version.id, f.rel, f.size)
         self.evictions += 1
         self.evicted_bytes += f.size
         if self.last_copy is None or self.last_copy(f):
@@ -308,20 +255,25 @@ class Pool:
         self._remove(f)
 
     def _remove(self, f: PoolFile) -> None:
+        v = f.version
+        if v.files.get(f.rel) is not f:
+            return
         if self.on_remove is not None:
             self.on_remove(f)
-        self.files.pop((f.model, f.rel), None)
+        del v.files[f.rel]
+        v.index.pop(f.rel, None)
         self.used_bytes -= f.reserved
         for p in (f.path, f.partial_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         if f.state is FileState.READY:
-            self._write_meta(f.model)
+            self._write_meta(v)
+        self._forget_if_unused(v)
+        self._changed()
 
     def discard(self, f: PoolFile) -> None:
         """Drop a file that failed or was abandoned while filling."""
-        if self.files.get((f.model, f.rel)) is f:
-            self._remove(f)
+        self._remove(f)
 
     def shrink_to_capacity(self) -> None:
         for f in self._victims():
@@ -329,11 +281,28 @@ class Pool:
                 break
             self._evict(f)
 
+    def release_user(self, version: Version) -> None:
+        version.users = max(0, version.users - 1)
+        self._forget_if_unused(version)
+
+    def _forget_if_unused(self, v: Version) -> None:
+        """A superseded version nobody reads and nothing of which is left goes for good."""
+        if v.superseded and not v.files and not v.users and self.versions.get(v.id) is v:
+            del self.versions[v.id]
+            shutil.rmtree(v.dir, ignore_errors=True)
+            if self.on_forget is not None:
+                self.on_forget(v)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     # -- filling ----------------------------------------------------------------------------
-    def create_partial(self, f: PoolFile) -> int:
-        """Create the file's partial shared-memory file at full size; returns an O_RDWR fd."""
+    def open_partial(self, f: PoolFile) -> int:
+        """The file's partial shared-memory file at full size (prefetched chunks kept);
+        returns an O_RDWR fd."""
         os.makedirs(os.path.dirname(f.partial_path), mode=self.dir_mode, exist_ok=True)
-        trunc = 0 if f.held else os.O_TRUNC  # a prefetched partial file keeps its chunks
+        trunc = 0 if f.chunk_crcs else os.O_TRUNC
         fd = os.open(f.partial_path, os.O_RDWR | os.O_CREAT | trunc | os.O_CLOEXEC, self.file_mode)
         try:
             os.ftruncate(fd, f.size)
@@ -342,35 +311,37 @@ class Pool:
             raise
         return fd
 
-    def commit(self, f: PoolFile, chunk_size: int, chunk_crcs: list[int], crc32: int) -> None:
+    def commit(self, f: PoolFile, chunk_crcs: dict[int, int], crc32: int) -> None:
         """Publish a fully fetched, verified file."""
         os.replace(f.partial_path, f.path)
-        if f.state is FileState.PARTIAL:  # completed by prefetch: account the whole file
-            self.used_bytes += _pages(f.size) - f.held_bytes
-        f.held = {}
-        f.chunk_size = chunk_size
-        f.chunk_crcs = chunk_crcs
+        self.used_bytes -= f.reserved
+        f.chunk_crcs = dict(chunk_crcs)
         f.crc32 = crc32
         f.state = FileState.READY
+        f.held_bytes = 0
         f.last_used = time.monotonic()
-        self._write_meta(f.model)
+        self.used_bytes += f.reserved
+        self._write_meta(f.version)
+        self._changed()
 
     # -- metadata and adoption --------------------------------------------------------------
-    def _write_meta(self, model: str) -> None:
+    def _write_meta(self, v: Version) -> None:
         files = {
-            f.rel: _FileMeta(f.size, f.mtime_ns, f.crc32, f.chunk_size, f.chunk_crcs)
-            for f in self.model_files(model)
+            f.rel: _FileMeta(f.crc32, [f.chunk_crcs[i] for i in range(len(f.chunk_crcs))])
+            for f in v.files.values()
             if f.state is FileState.READY
         }
-        path = os.path.join(self.model_dir(model), META)
-        if not files and not any(self.model_files(model)):
-            shutil.rmtree(self.model_dir(model), ignore_errors=True)
+        path = os.path.join(v.dir, VERSION_META)
+        if not files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             return
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as fh:
-            meta = _Meta(1, self.sources.get(model, ""), files, self.expected.get(model, {}))
-            fh.write(msgspec.json.encode(meta))
-        os.replace(tmp, path)
+        os.makedirs(v.dir, mode=self.dir_mode, exist_ok=True)
+        _write_atomic(path, msgspec.json.encode(_Meta(META_FORMAT, v.manifest, files)))
+
+    def _write_locations(self) -> None:
+        live = {loc: r for loc, r in self.locations.items() if r.version in self.versions}
+        _write_atomic(os.path.join(self.root, LOCATIONS), msgspec.json.encode(live))
 
     def adopt(self, verify: Callable[[str, int, list[int]], bool]) -> int:
         """Re-verify and adopt files left by a previous daemon; remove everything else.
@@ -378,81 +349,128 @@ class Pool:
         ``verify(path, chunk_size, chunk_crcs)`` re-reads a pool file and says if it matches.
         Returns the number of bytes adopted.
         """
+        try:
+            with open(os.path.join(self.root, LOCATIONS), "rb") as fh:
+                locations = msgspec.json.decode(fh.read(), type=dict[str, LocationRecord])
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            locations = {}
         adopted = 0
-        for model in sorted(os.listdir(self.root)):
-            mdir = self.model_dir(model)
-            if not os.path.isdir(mdir) or os.path.islink(mdir):
-                _remove_path(mdir)
+        for name in sorted(os.listdir(self.root)):
+            vdir = os.path.join(self.root, name)
+            if name == LOCATIONS:
                 continue
-            meta = _read_meta(os.path.join(mdir, META))
-            keep: set[str] = set()
-            for rel, info in (meta.files if meta else {}).items():
-                path = os.path.join(mdir, rel)
-                try:
-                    ok = (
-                        os.path.commonpath([os.path.realpath(path), mdir]) == mdir
-                        and os.path.isfile(path)
-                        and not os.path.islink(path)
-                        and os.path.getsize(path) == info.size
-                        and verify(path, info.chunk_size, info.chunk_crcs)
-                    )
-                except (OSError, ValueError):
-                    ok = False
-                if not ok:
+            meta = _read_meta(os.path.join(vdir, VERSION_META)) if _VID.fullmatch(name) else None
+            if meta is None or os.path.islink(vdir) or version_id(meta.manifest) != name:
+                _remove_path(vdir)
+                continue
+            v = Version(meta.manifest, name, self.root)
+            for rel, info in meta.files.items():
+                path = os.path.join(vdir, rel)
+                if not v.has(rel) or not self._verify_file(v, rel, path, info, verify):
                     log.warning("pool file %s failed re-verification; removing it", path)
                     continue
-                pf = PoolFile(
-                    model,
-                    rel,
-                    info.size,
-                    path,
+                f = PoolFile(
+                    v,
+                    v.entry(rel),
                     FileState.READY,
-                    info.mtime_ns,
+                    dict(enumerate(info.chunk_crcs)),
                     info.crc32,
-                    info.chunk_size,
-                    list(info.chunk_crcs),
                 )
-                self.files[(model, rel)] = pf
-                self.used_bytes += pf.reserved
-                adopted += pf.size
-                keep.add(rel)
-            if meta is not None and keep:
-                self.sources[model] = meta.source
-                self.expected[model] = dict(meta.expected)
-            for path in _walk_files(mdir):
-                rel = os.path.relpath(path, mdir)
-                if rel not in keep and rel != META:
+                try:
+                    index = index_file(f)
+                except (HeaderError, OSError) as e:
+                    log.warning("pool file %s: %s; removing it", path, e)
+                    continue
+                if index is not None:
+                    v.index[rel] = index
+                v.files[rel] = f
+                self.used_bytes += f.reserved
+                adopted += f.size
+            for path in _walk_files(vdir):
+                rel = os.path.relpath(path, vdir)
+                if rel not in v.files and rel != VERSION_META:
                     _remove_path(path)
-            if keep:
-                self._write_meta(model)
+            if v.files:
+                self.versions[name] = v
+                self._write_meta(v)
             else:
-                shutil.rmtree(mdir, ignore_errors=True)
+                shutil.rmtree(vdir, ignore_errors=True)
+        for loc, record in locations.items():
+            held = self.versions.get(record.version)
+            if held is not None:
+                held.locations.add(loc)
+                self.locations[loc] = record
+        self._write_locations()
         self.shrink_to_capacity()
         return adopted
 
+    def _verify_file(
+        self,
+        v: Version,
+        rel: str,
+        path: str,
+        info: _FileMeta,
+        verify: Callable[[str, int, list[int]], bool],
+    ) -> bool:
+        entry = v.entry(rel)
+        chunks = v.chunks(rel)
+        try:
+            if (
+                os.path.commonpath([os.path.realpath(path), v.dir]) != v.dir
+                or not os.path.isfile(path)
+                or os.path.islink(path)
+                or os.path.getsize(path) != entry.size
+                or len(info.chunk_crcs) != len(chunks)
+            ):
+                return False
+            # The file CRC is recomputed from the chunk CRCs, never taken from the record.
+            combined = combine_chunks(zip(info.chunk_crcs, (c.length for c in chunks), strict=True))
+            if combined != info.crc32 or (entry.crc32 is not None and combined != entry.crc32):
+                return False
+            return verify(path, v.manifest.chunk_size, info.chunk_crcs)
+        except (OSError, ValueError):
+            return False
+
+
+def index_file(f: PoolFile) -> SafetensorsIndex | None:
+    """A safetensors file's tensor index, parsed from its verified pool bytes (thread-safe:
+    reads only)."""
+    if not f.rel.endswith(".safetensors"):
+        return None
+    fd = os.open(f.path if f.state is FileState.READY else f.partial_path, os.O_RDONLY)
+    try:
+        return read_safetensors_index(
+            lambda off, n: os.pread(fd, n, off), f.size, f"{f.version.manifest.source}/{f.rel}"
+        )
+    finally:
+        os.close(fd)
+
 
 class _FileMeta(msgspec.Struct, frozen=True):
-    size: int
-    mtime_ns: int
     crc32: int
-    chunk_size: int
     chunk_crcs: list[int]
 
 
 class _Meta(msgspec.Struct, frozen=True):
-    version: int
-    source: str
+    format: int
+    manifest: Manifest
     files: dict[str, _FileMeta]
-    expected: dict[str, int] = {}  # every file of the model, cached or not
 
 
 def _read_meta(path: str) -> _Meta | None:
     try:
         with open(path, "rb") as fh:
             meta = msgspec.json.decode(fh.read(), type=_Meta)
-    except (OSError, msgspec.DecodeError):
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
-    return meta if meta.version == 1 else None
+    return meta if meta.format == META_FORMAT else None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 def _walk_files(root: str) -> Iterator[str]:
@@ -467,11 +485,3 @@ def _remove_path(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def _decrement(counts: dict[Any, int], key: Any) -> None:
-    n = counts.get(key, 0) - 1
-    if n > 0:
-        counts[key] = n
-    else:
-        counts.pop(key, None)

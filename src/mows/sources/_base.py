@@ -41,6 +41,14 @@ class Source(ABC):
         self.read_into(path, offset, memoryview(buf))
         return bytes(buf)
 
+    def read_file(self, path: str, limit: int) -> bytes:
+        """A whole small file (crc32.txt), at most ``limit`` bytes; one request where the
+        source allows it (a warm open revalidates with this alone)."""
+        st = self.stat(path)
+        if st.size > limit:
+            raise SourceError(self.url, path, f"file of {st.size} bytes exceeds {limit} bytes")
+        return self.read_range(path, 0, st.size)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and descriptors."""
 

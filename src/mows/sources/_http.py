@@ -107,6 +107,23 @@ class HttpSource(Source):
                 mtime_ns = 0
         return FileStat(path, int(length), mtime_ns)
 
+    def read_file(self, path: str, limit: int) -> bytes:
+        """One GET, the body bounded by ``limit``."""
+        resp = self._request("GET", path, stream=True)
+        try:
+            self._check(resp, path, (200,))
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise SourceError(self.url, path, f"file of {length} bytes exceeds {limit} bytes")
+            body = resp.read(limit + 1)
+        except HTTPError as e:
+            raise SourceError(self.url, path, f"body broken: {e}") from None
+        finally:
+            resp.release_conn()
+        if len(body) > limit:
+            raise SourceError(self.url, path, f"file exceeds {limit} bytes")
+        return bytes(body)
+
     def list_files(self) -> list[FileStat]:
         try:
             crc = self.stat(self._crc32_file)

@@ -36,6 +36,8 @@ class ChunkStore(Protocol):
 
 
 class PeerServer(ABC):
+    node: str  # the name this server proves in handshakes (set once the address is known)
+
     @property
     @abstractmethod
     def address(self) -> str:

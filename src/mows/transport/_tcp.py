@@ -57,7 +57,7 @@ class TcpPeerServer(PeerServer):
             )
             host = "127.0.0.1"
         self._store = store
-        self._node = node
+        self.node = node
         self._secret = secret
         self._timeout = handshake_timeout
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
@@ -90,7 +90,7 @@ class TcpPeerServer(PeerServer):
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             conn.settimeout(self._timeout)
-            peer_node = server_handshake(conn, self._node, self._secret, peer)
+            peer_node = server_handshake(conn, self.node, self._secret, peer)
             conn.settimeout(None)
             while True:
                 req = recv_peer(conn)
@@ -146,7 +146,7 @@ class TcpPeerClient(PeerClient):
         connections: int = 4,
         timeout: float = 10.0,
     ) -> None:
-        self._node = node
+        self.node = node
         self._secret = secret
         self._max = connections
         self._timeout = timeout
@@ -168,7 +168,7 @@ class TcpPeerClient(PeerClient):
             host, port = split_address(address)
             sock = socket.create_connection((host, port), timeout=self._timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_handshake(sock, self._node, self._secret, address)
+            client_handshake(sock, self.node, self._secret, address)
             return sock
         except BaseException as e:
             if sock is not None:

@@ -101,7 +101,7 @@ class UcxPeerServer(PeerServer):
             )
         self._ucxx = _ucxx()
         host, port = split_address(listen)
-        self._store, self._node, self._secret = store, node, secret
+        self._store, self.node, self._secret = store, node, secret
         self._loop = _Loop.get()
         self._listener = self._loop.run(self._create(port), 30)
         self._address = f"{host}:{self._listener.port}"
@@ -115,7 +115,7 @@ class UcxPeerServer(PeerServer):
         return self._address
 
     async def _handle(self, ep: Any) -> None:
-        hs = ServerHandshake(self._node, self._secret, "ucx peer")
+        hs = ServerHandshake(self.node, self._secret, "ucx peer")
         try:
             try:
                 await _send(ep, hs.on_hello(await _recv(ep)))
@@ -163,7 +163,7 @@ class UcxPeerClient(PeerClient):
         self, *, node: str, secret: bytes | None, connections: int = 4, timeout: float = 10.0
     ) -> None:
         self._ucxx = _ucxx()
-        self._node, self._secret = node, secret
+        self.node, self._secret = node, secret
         self._max, self._timeout = connections, timeout
         self._loop = _Loop.get()
         self._idle: dict[str, list[Any]] = defaultdict(list)
@@ -187,7 +187,7 @@ class UcxPeerClient(PeerClient):
     async def _connect(self, address: str) -> Any:
         host, port = split_address(address)
         ep = await self._ucxx.create_endpoint(host, port)
-        hs = ClientHandshake(self._node, self._secret, address)
+        hs = ClientHandshake(self.node, self._secret, address)
         await _send(ep, hs.hello())
         await _send(ep, hs.on_challenge(await _recv(ep)))
         hs.on_ok(await _recv(ep))

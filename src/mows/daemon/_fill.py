@@ -1,4 +1,5 @@
-"""Filling pool files from a source: parallel chunk reads straight into the shared mapping.
+"""Filling pool files: parallel chunk reads straight into the shared mapping, and the one
+check that makes a file visible.
 
 Each chunk is read with ``Source.read_into`` into the pool file's own mapping (no bounce
 buffer) and CRC'd there by a worker thread; both release the GIL. The mapping is not
@@ -13,10 +14,12 @@ import os
 from collections.abc import Sequence
 
 from .._crc import combine_chunks, crc32
+from .._errors import IntegrityError
 from ..manifest import Chunk
+from ..pool import PoolFile
 from ..sources import Source
 
-__all__ = ["FileFill", "crc_of_pool_file", "fetch_chunk"]
+__all__ = ["FileFill", "check_file", "crc_of_pool_file", "fetch_chunk"]
 
 
 class FileFill:
@@ -27,8 +30,15 @@ class FileFill:
         self.size = size
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED) if size else None
         self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._closed = False
+
+    def chunk_view(self, chunk: Chunk) -> memoryview:
+        return self.view[chunk.offset : chunk.offset + chunk.length]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.view.release()
         if self._map is not None:
             self._map.close()
@@ -37,12 +47,25 @@ class FileFill:
 
 def fetch_chunk(source: Source, fill: FileFill, chunk: Chunk) -> int:
     """Read one chunk from the source into the pool mapping; return its CRC-32."""
-    view = fill.view[chunk.offset : chunk.offset + chunk.length]
+    view = fill.chunk_view(chunk)
     try:
         source.read_into(chunk.path, chunk.offset, view)
         return crc32(view)
     finally:
         view.release()
+
+
+def check_file(f: PoolFile, chunk_crcs: dict[int, int], source: str) -> int:
+    """The whole file's CRC-32, combined from its chunks' (nothing is read twice); an
+    ``IntegrityError`` if it is not the crc32.txt value."""
+    chunks = f.chunks()
+    actual = combine_chunks((chunk_crcs[c.index], c.length) for c in chunks)
+    expected = f.entry.crc32
+    if expected is not None and actual != expected:
+        raise IntegrityError(
+            f"{f.version.manifest.source}/{f.rel}", expected, actual, source=source
+        )
+    return actual
 
 
 def crc_of_pool_file(path: str, chunk_size: int, expected: Sequence[int]) -> bool:
@@ -65,7 +88,3 @@ def crc_of_pool_file(path: str, chunk_size: int, expected: Sequence[int]) -> boo
             finally:
                 view.release()
     return True
-
-
-def file_crc(chunk_crcs: Sequence[int], chunks: Sequence[Chunk]) -> int:
-    return combine_chunks(zip(chunk_crcs, (c.length for c in chunks), strict=True))

@@ -1,0 +1,256 @@
+"""The node daemon's composition root: builds the services, authorizes paths, runs them.
+
+    LocalApi (_api)      connections, requests, per-connection pins
+    LoadService (_loads) locations -> versions, the wait queue for space, shared file fills
+    ChunkFetcher         peer-then-origin policy with per-peer circuit breakers
+    Prefetcher           what to prefetch, and how fast
+    Peering              peer server/client and the cluster directory (cluster mode only)
+    Pool (mows.pool)     versions in shared memory under the cap
+    build_status         the status document, built on the loop (metrics ask the loop for it)
+
+Everything that touches shared state runs on one asyncio event loop; worker threads only
+read from sources and peers and compute CRCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from .. import _protocol as p
+from .._config import DaemonConfig
+from .._errors import AccessDeniedError, ConfigError, DaemonError, MowsError
+from ..cluster import NodeInfo
+from ..sources import Source, open_source
+from ._api import LocalApi
+from ._chunks import ChunkTable
+from ._fetcher import ChunkFetcher, Counters
+from ._fill import crc_of_pool_file
+from ._loads import LoadService, Opened
+from ._metrics import Metrics
+from ._peering import Peering
+from ._prefetch import Prefetcher
+from ._status import build_status
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = logging.getLogger("mows.daemon")
+
+
+class Daemon:
+    def __init__(
+        self, config: DaemonConfig, reload: Callable[[], DaemonConfig] | None = None
+    ) -> None:
+        from ..pool import Pool
+
+        self.config = config
+        self._reload = reload
+        self._draining = False
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.counters = Counters()
+        self.chunks = ChunkTable()
+        self.pool = Pool(config.pool_dir, config.max_memory)
+        self.metrics = Metrics(self.snapshot)
+        self.peering: Peering | None = None
+        self._sources: dict[str, Source] = {}
+        self.fetcher = ChunkFetcher(config, self.counters, self.metrics, None)
+        self.loads = LoadService(config, self.pool, self.fetcher, self.counters, None, self.source)
+        self.prefetcher: Prefetcher | None = None
+        self.api = LocalApi(config.socket, config.socket_mode, self)
+        self._roots = [_canonical_root(r) for r in config.roots]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        adopted = await self._loop.run_in_executor(
+            self.fetcher.executor, self.pool.adopt, crc_of_pool_file
+        )
+        if adopted:
+            log.info("adopted %d verified bytes from a previous run", adopted)
+        if self.config.etcd:
+            self.peering = Peering(self.config, self.chunks, self.node_info)
+            self.fetcher.peering = self.loads.peering = self.peering
+            self.pool.last_copy = self.peering.is_last_copy
+            self.pool.on_remove = self.peering.file_removed
+            await self.peering.start(",".join(self.config.etcd))
+        if self.config.prefetch != "off":
+            self.prefetcher = Prefetcher(
+                self.config, self.pool, self.loads, self.fetcher, self.counters, self.peering
+            )
+            self.prefetcher.targets = [_canonical_root(r) for r in self.config.model_paths]
+            self.prefetcher.start()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
+            log.info("Prometheus metrics on http://%s/metrics", self.config.metrics_listen)
+        await self.api.start()
+        log.info(
+            "serving on %s, pool %s, cap %d bytes, roots %s",
+            self.config.socket,
+            self.config.pool_dir,
+            self.config.max_memory,
+            ", ".join(self._roots) or "(none)",
+        )
+
+    def node_info(self, node_id: str, address: str) -> NodeInfo:
+        return NodeInfo(
+            node_id,
+            address,
+            self.config.max_memory,
+            self.pool.used_bytes,
+            self.counters.bytes_from_origin,
+            self.counters.bytes_from_peers,
+            self.chunks.bytes_served,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_logged)
+        try:
+            await self._stopping.wait()
+            await self.drain()
+        finally:
+            await self.close()
+
+    async def drain(self) -> None:
+        """Refuse new loads and give those in progress ``drain_timeout`` seconds to finish."""
+        self._draining = True
+        await self.loads.drain(self.config.drain_timeout)
+
+    def reload(self) -> dict[str, object]:
+        """Re-read the settings; the model list and allowed roots change at once."""
+        if self._reload is None:
+            raise MowsError("this daemon was started without a way to re-read its settings")
+        new = self._reload()
+        changed = [
+            f.name
+            for f in dataclasses.fields(new)
+            if f.name not in ("model_paths", "allow_roots")
+            and getattr(new, f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            log.warning("reload: %s changed but take effect at restart", ", ".join(changed))
+        self.config = dataclasses.replace(
+            self.config, model_paths=new.model_paths, allow_roots=new.allow_roots
+        )
+        self._roots = [_canonical_root(r) for r in self.config.roots]
+        if self.prefetcher is not None:
+            self.prefetcher.targets = [_canonical_root(r) for r in self.config.model_paths]
+        log.info("reloaded: roots %s", ", ".join(self._roots) or "(none)")
+        return {"reloaded": True, "roots": list(self._roots), "restart_needed_for": changed}
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except MowsError as e:
+            log.error("reload failed, keeping the old settings: %s", e)
+
+    async def close(self) -> None:
+        self.api.stop_accepting()  # no new clients while we wind down
+        if self.prefetcher is not None:
+            await self.prefetcher.close()
+        if self.peering is not None:
+            await self.peering.close()
+        self.api.close()
+        await self.loads.close()
+        for src in self._sources.values():
+            src.close()
+        self.fetcher.close()
+        self.chunks.close()
+        self.metrics.close()
+        log.info("stopped")
+
+    # -- access control and sources --------------------------------------------------------------
+    def authorize(self, path: str) -> str:
+        """The canonical location for ``path``, if it lies under an allowed root."""
+        if "://" in path:
+            location = path.rstrip("/")
+            for root in self._roots:
+                if "://" in root and (location == root or location.startswith(root + "/")):
+                    if "/../" in location + "/" or "/./" in location + "/":
+                        break
+                    return location
+        else:
+            if not os.path.isabs(path):
+                raise AccessDeniedError(f"{path}: the daemon needs an absolute path")
+            location = os.path.realpath(path)
+            for root in self._roots:
+                if "://" not in root and os.path.commonpath([location, root]) == root:
+                    return location
+        raise AccessDeniedError(
+            f"{path}: not under the daemon's model paths or allowed roots "
+            f"({', '.join(self._roots) or 'none configured'})"
+        )
+
+    def source(self, location: str) -> Source:
+        src = self._sources.get(location)
+        if src is None:
+            src = self._sources[location] = open_source(location, **self.config.sources)
+        return src
+
+    # -- what the local API asks ---------------------------------------------------------------
+    async def open(self, msg: p.Open, progress: Callable[[int, int], None]) -> Opened:
+        if self._draining:
+            raise DaemonError("the daemon is shutting down", "DaemonError")
+        location = self.authorize(msg.path)
+        if msg.crc32_file is not None and msg.crc32_file != self.config.crc32_file:
+            raise ConfigError(
+                f"{msg.path}: this daemon checks models against {self.config.crc32_file!r} "
+                f"(its crc32_file setting); a client cannot choose another ({msg.crc32_file!r})"
+            )
+        # Whole-model opens hold their files for a client; file subsets (streaming) and
+        # unpinned opens hold them only while they last.
+        transient = msg.files is not None or not msg.pin
+        return await self.loads.open(
+            location, msg.files, transient=transient, version=msg.version, progress=progress
+        )
+
+    def add_prefetch(self, path: str) -> dict[str, object]:
+        location = self.authorize(path)
+        if self.prefetcher is None:
+            raise ConfigError("prefetch is off on this daemon (--prefetch off)")
+        self.prefetcher.add(location)
+        return {"queued": location, "policy": self.config.prefetch}
+
+    def known_locations(self) -> list[str]:
+        known = dict.fromkeys(_canonical_root(r) for r in self.config.model_paths)
+        known.update(dict.fromkeys(self.pool.locations))
+        return sorted(known)
+
+    def status(self) -> dict[str, object]:
+        """The status document; on the event loop only (see ``snapshot``)."""
+        return build_status(self)
+
+    def snapshot(self) -> dict[str, object]:
+        """The status document from any thread: built on the loop, handed over whole."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            raise DaemonError("the daemon is not running", "DaemonError")
+
+        async def build() -> dict[str, object]:
+            return self.status()
+
+        return asyncio.run_coroutine_threadsafe(build(), loop).result(10)
+
+
+def _canonical_root(root: str) -> str:
+    return root.rstrip("/") if "://" in root else os.path.realpath(root)
+
+
+def run_daemon(config: DaemonConfig, reload: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP calls ``reload`` for a new model list."""
+
+    async def main() -> None:
+        await Daemon(config, reload).serve_forever()
+
+    asyncio.run(main())

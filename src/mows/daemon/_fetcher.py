@@ -1,0 +1,225 @@
+"""The one chunk fetcher that loads and prefetch share: a peer holding the chunk, else the
+origin, with a circuit breaker per peer.
+
+A chunk goes straight into its pool file's mapping from a worker thread. Peer transfers have
+workers of their own: queued behind origin reads they would wait for the origin, and a cold
+cluster would lose its pipelining. A peer that fails, stalls or sends bad bytes opens its
+breaker: it is skipped by every fetch for a while (longer each time it fails again) instead of
+each chunk remembering whom it tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .._config import DaemonConfig
+from .._errors import PeerError
+from ..manifest import Chunk
+from ..pool import Version
+from ..sources import Source
+from ._fill import FileFill, fetch_chunk
+from ._metrics import Metrics
+from ._peering import Peering
+
+__all__ = ["ChunkFetcher", "Counters", "FillTarget"]
+
+log = logging.getLogger("mows.daemon")
+
+BREAKER_BASE = 1.0  # seconds a failed peer is skipped, doubled per failure in a row
+BREAKER_MAX = 30.0
+
+
+@dataclass
+class Counters:
+    """The node's counters, shown by status and metrics."""
+
+    bytes_from_origin: int = 0
+    bytes_from_peers: int = 0
+    bytes_from_pool: int = 0
+    hits: int = 0
+    misses: int = 0
+    integrity_failures: int = 0
+    loads_failed: int = 0
+    peer_failures: int = 0
+    corrupt_from_peers: int = 0
+    stale_opens: int = 0  # warm opens served while the origin could not be reached
+
+
+@dataclass
+class FillTarget:
+    """One pool file being filled: where chunks go, and the reads still writing into it
+    (a failed fill waits for them before unmapping)."""
+
+    source: Source
+    version: Version
+    fill: FileFill
+    running: set[concurrent.futures.Future[int]] = field(default_factory=set)
+    from_origin: int = 0  # bytes this fill got from the origin
+    from_peers: int = 0
+
+    async def drain(self) -> None:
+        running = [f for f in self.running if not f.done()]
+        if running:
+            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, running)
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+
+
+class ChunkFetcher:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        counters: Counters,
+        metrics: Metrics,
+        peering: Peering | None,
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.metrics = metrics
+        self.peering = peering
+        self._origin = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
+        self._peers = ThreadPoolExecutor(
+            2 * config.peer_connections, thread_name_prefix="mows-peer"
+        )
+        self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
+        self._breakers: dict[str, _Breaker] = {}
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Workers for blocking origin work (manifests, re-verification)."""
+        return self._origin
+
+    def close(self) -> None:
+        self._origin.shutdown(wait=True, cancel_futures=True)
+        self._peers.shutdown(wait=True, cancel_futures=True)
+
+    def breakers(self) -> dict[str, float]:
+        """Peers skipped now -> seconds until they are tried again."""
+        now = time.monotonic()
+        return {n: b.open_until - now for n, b in self._breakers.items() if b.open_until > now}
+
+    async def obtain(self, target: FillTarget, chunk: Chunk, *, wait_for_owner: bool) -> int:
+        """One chunk into the target's mapping; returns its CRC-32 (checked against the
+        holder's for peer bytes). ``wait_for_owner``: on a cold cluster, wait for the node
+        that owns the chunk to fetch it rather than reading the origin ourselves."""
+        crc = await self._from_peers(target, chunk, wait_for_owner)
+        if crc is None:
+            started = time.perf_counter()
+            crc = await self._in_worker(
+                target, self._origin, fetch_chunk, target.source, target.fill, chunk
+            )
+            self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
+            self.counters.bytes_from_origin += chunk.length
+            target.from_origin += chunk.length
+        if self.peering is not None:
+            self.peering.held(target.version, chunk, crc)
+        return crc
+
+    async def _from_peers(
+        self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
+    ) -> int | None:
+        peering = self.peering
+        if peering is None:
+            return None
+        cluster = peering.cluster
+        vid = target.version.id
+        index = target.version.chunk_range(chunk.path)[chunk.index]
+        deadline: float | None = None
+        while cluster.healthy:
+            now = time.monotonic()
+            holders = {
+                n: c
+                for n, c in cluster.holders(vid, index).items()
+                if self._breakers.get(n, _Breaker()).open_until <= now
+            }
+            if holders:
+                node = min(holders, key=lambda n: (self._inflight.get(n, 0), random.random()))
+                address = cluster.address(node)
+                if address is None:
+                    self._trip(node)
+                    continue
+                crc = await self._from_peer(target, chunk, node, address, holders[node])
+                if crc is not None:
+                    return crc
+                continue
+            if not wait_for_owner:
+                return None
+            owner = cluster.owner(vid, f"{vid}/{index}")
+            if owner == cluster.node_id or not self._closed(owner, now):
+                return None  # ours to fetch, or the owner is failing us: the origin
+            deadline = deadline or now + self.config.peer_timeout
+            if now >= deadline:
+                log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
+                return None
+            await cluster.wait_change(min(deadline - now, 1.0))
+        return None
+
+    async def _from_peer(
+        self, target: FillTarget, chunk: Chunk, node: str, address: str, want: int
+    ) -> int | None:
+        assert self.peering is not None
+        self._inflight[node] = self._inflight.get(node, 0) + 1
+        started = time.perf_counter()
+        try:
+            crc = await self._in_worker(
+                target, self._peers, _fetch_from_peer, self.peering, address, target, chunk, want
+            )
+        except PeerError as e:
+            self._trip(node)
+            self.counters.peer_failures += 1
+            if e.corrupt:
+                self.counters.corrupt_from_peers += 1
+            log.warning("%s; retrying %s chunk %d elsewhere", e, chunk.path, chunk.index)
+            return None
+        finally:
+            self._inflight[node] -= 1
+        self._breakers.pop(node, None)
+        self.metrics.fetch_seconds.labels("peers").observe(time.perf_counter() - started)
+        self.counters.bytes_from_peers += chunk.length
+        target.from_peers += chunk.length
+        return crc
+
+    def _closed(self, node: str, now: float) -> bool:
+        b = self._breakers.get(node)
+        return b is None or b.open_until <= now
+
+    def _trip(self, node: str) -> None:
+        b = self._breakers.setdefault(node, _Breaker())
+        b.failures += 1
+        b.open_until = time.monotonic() + min(BREAKER_MAX, BREAKER_BASE * 2 ** (b.failures - 1))
+
+    async def _in_worker(
+        self,
+        target: FillTarget,
+        pool: ThreadPoolExecutor,
+        fn: Callable[..., int],
+        *args: object,
+    ) -> int:
+        """Run a blocking read in a worker, tracked so a failed fill can wait for it."""
+        cf = pool.submit(fn, *args)
+        target.running.add(cf)
+        try:
+            return await asyncio.wrap_future(cf)
+        finally:
+            target.running.discard(cf)
+
+
+def _fetch_from_peer(
+    peering: Peering, address: str, target: FillTarget, chunk: Chunk, crc: int
+) -> int:
+    view = target.fill.chunk_view(chunk)
+    try:
+        return peering.client.fetch(address, target.version.id, chunk.path, chunk.index, view, crc)
+    finally:
+        view.release()

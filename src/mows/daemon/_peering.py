@@ -1,0 +1,117 @@
+"""This node's part in the cluster: the peer server and client, and what it tells the
+directory about the versions it holds. Absent (None) on a single node."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from .._config import DaemonConfig
+from ..cluster import Cluster, NodeInfo
+from ..manifest import Chunk
+from ..pool import FileState, PoolFile, Version
+from ..transport import PeerClient, PeerServer, TcpPeerClient, TcpPeerServer
+from ._chunks import ChunkTable
+
+__all__ = ["Peering"]
+
+log = logging.getLogger("mows.daemon")
+
+
+class Peering:
+    """Serves this node's chunks to peers and keeps the cluster directory told of them."""
+
+    def __init__(
+        self, config: DaemonConfig, chunks: ChunkTable, node_info: Callable[[str, str], NodeInfo]
+    ) -> None:
+        secret = config.cluster_secret()
+        server_cls, client_cls = _transport(config.nic)
+        # The node id is the advertised address unless set, and the address is known only
+        # once the server listens: name the server after the fact.
+        self.server: PeerServer = server_cls(
+            config.listen, chunks, node=config.node_id or "?", secret=secret
+        )
+        host, _, port = self.server.address.rpartition(":")
+        self.advertise = config.advertise or (
+            f"{socket.gethostname()}:{port}" if host in ("0.0.0.0", "::") else self.server.address
+        )
+        self.node_id = config.node_id or self.advertise
+        self.server.node = self.node_id
+        self.client: PeerClient = client_cls(
+            node=self.node_id,
+            secret=secret,
+            connections=config.peer_connections,
+            timeout=config.peer_timeout,
+        )
+        self.chunks = chunks
+        self.cluster = Cluster(
+            list(config.etcd),
+            config.cluster,
+            lambda: node_info(self.node_id, self.advertise),
+            ttl=config.lease_ttl,
+        )
+
+    async def start(self, endpoints: str) -> None:
+        self.cluster.start()
+        if not await self.cluster.wait_healthy(5.0):
+            log.warning("etcd %s not reachable yet: running alone until it is", endpoints)
+        log.info(
+            "node %s in cluster %s, peers connect to %s",
+            self.node_id,
+            self.cluster.name,
+            self.advertise,
+        )
+
+    async def close(self) -> None:
+        await self.cluster.close()  # deregister first: peers stop asking us
+        self.server.close()
+        self.client.close()
+
+    # -- what the directory is told ------------------------------------------------------------
+    def join(self, version: Version) -> None:
+        """Register interest in ``version`` and serve every complete file of it we hold."""
+        self.cluster.join(version.id, version.total_chunks, version.manifest)
+        for f in list(version.files.values()):
+            if f.state is FileState.READY and not self.chunks.has_file(version.id, f.rel):
+                fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self.serve_file(f, fd)
+                finally:
+                    os.close(fd)
+
+    def serve_file(self, f: PoolFile, fd: int) -> None:
+        """Serve ``f``'s checked chunks (those it holds now and those to come) from ``fd``."""
+        v = f.version
+        if not self.chunks.has_file(v.id, f.rel):
+            self.chunks.add_file(v.id, f.rel, fd)
+            for c in f.chunks():
+                if c.index in f.chunk_crcs:
+                    self.held(v, c, f.chunk_crcs[c.index])
+
+    def held(self, version: Version, chunk: Chunk, crc: int) -> None:
+        """A chunk arrived and passed its CRC: peers may fetch it now (pipelining)."""
+        self.chunks.add_chunk(version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
+        self.cluster.mark_held(version.id, version.chunk_range(chunk.path)[chunk.index], crc)
+
+    def file_removed(self, f: PoolFile) -> None:
+        self.chunks.remove_file(f.version.id, f.rel)
+        self.cluster.drop(f.version.id, list(f.version.chunk_range(f.rel)))
+
+    def is_last_copy(self, f: PoolFile) -> bool:
+        """Would evicting ``f`` drop the cluster's last copy of any of its chunks?"""
+        if not self.cluster.healthy:
+            return True
+        r = f.version.chunk_range(f.rel)
+        return self.cluster.min_copies(f.version.id, r.start, r.stop) <= 1
+
+
+def _transport(nic: str) -> tuple[Any, Any]:
+    """The (server, client) classes for ``--nic``; UCX is imported only when chosen."""
+    if nic == "ucx":
+        from ..transport._ucx import UcxPeerClient, UcxPeerServer
+
+        return UcxPeerServer, UcxPeerClient
+    return TcpPeerServer, TcpPeerClient
