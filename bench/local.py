@@ -8,19 +8,25 @@
     vs an eager `safetensors.torch.load(open(f, "rb").read())` of the same files;
 (c) copying every tensor of the warm model into a preallocated destination (as an engine does
     on its way to the GPU), in a fresh process, vs the same copy from an anonymous buffer;
-(d) memory (sum of PSS growth) of 4 processes holding the model via mows vs eager safetensors.
+(d) memory (sum of PSS growth) of 4 processes holding the model via mows vs eager safetensors;
+(e) origin requests of an open over HTTP (a counting origin server on loopback): cold, warm,
+    and a warm open with the origin stopped (served from the pool, with a warning).
 All sides are measured interleaved in one run; medians are printed and written to JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +127,102 @@ sys.stdin.readline()  # measure only while all N processes hold the model
 print(json.dumps(pss() - before), flush=True)
 sys.stdin.readline()
 """
+
+
+class CountingOrigin(http.server.ThreadingHTTPServer):
+    """A plain HTTP origin (GET with Range, HEAD) that counts the requests it answers."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        self.down = False  # stopped: kept-alive connections are dropped too
+        super().__init__(("127.0.0.1", 0), _OriginHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _OriginHandler(http.server.BaseHTTPRequestHandler):
+    server: CountingOrigin
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        if self.server.down:
+            self.close_connection = True
+            return
+        self.server.requests.append(f"{self.command} {self.path}")
+        path = self.server.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        if rng:
+            a, _, b = rng.removeprefix("bytes=").partition("-")
+            start, end = int(a), min(int(b), size - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        if body:
+            with open(path, "rb") as fh:
+                self.wfile.write(os.pread(fh.fileno(), end - start + 1, start))
+
+
+WARM_REQUESTS = """
+import mows, warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    t = time.perf_counter()
+    with mows.open_model(sys.argv[1], socket=sys.argv[2], fallback=False) as h:
+        n = len(h.keys())
+    s = time.perf_counter() - t
+print(json.dumps({"seconds": s, "tensors": n,
+                  "warnings": [type(x.message).__name__ for x in w]}))
+"""
+
+
+def origin_requests(base: Path, model: Path, sock_dir: Path) -> dict[str, Any]:
+    """(e) Requests the origin answers for a cold open, a warm one, and a warm open with the
+    origin stopped."""
+    www = base / "www"
+    shutil.copytree(model, www / "m")
+    origin = CountingOrigin(www)
+    url = f"{origin.url}/m"
+    d = DaemonProcess(sock_dir, roots=[origin.url], max_memory="8GiB").start()
+    out: dict[str, Any] = {"files": len(list(model.iterdir()))}
+    try:
+        for kind in ("cold", "warm"):
+            before = len(origin.requests)
+            r = child(WARM_REQUESTS, url, d.socket)
+            out[kind] = {"requests": len(origin.requests) - before, "seconds": r["seconds"]}
+        out["warm_request_list"] = origin.requests[-out["warm"]["requests"] :]
+        origin.down = True
+        origin.shutdown()
+        origin.server_close()
+        r = child(WARM_REQUESTS, url, d.socket)
+        out["origin_down"] = {"seconds": r["seconds"], "warnings": r["warnings"]}
+    finally:
+        d.stop()
+    return out
 
 
 def hold_memory(mode: str, path: Path, sock: str, n: int = 4) -> int:
@@ -233,6 +335,9 @@ def main() -> None:
             }
         finally:
             d.stop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results["e_origin"] = origin_requests(base, m_small, sock_dir)
 
     a, c, dm = results["a_cold"], results["c_copy"], results["d_memory"]
     bs, bb = results["b_warm_small"], results["b_warm_big"]
@@ -301,6 +406,30 @@ def main() -> None:
             "",
             f"{dm['mows_total'] / mib:.0f} MiB",
             f"{dm['mows_x_model']:.2f}x model (<= 1.1)",
+        ],
+    ]
+    e = results["e_origin"]
+    rows += [
+        [
+            "(e) cold open over HTTP: origin requests",
+            f"{e['files']} files",
+            e["cold"]["seconds"],
+            f"{e['cold']['requests']} requests",
+            "",
+        ],
+        [
+            "(e) warm open over HTTP: origin requests",
+            f"{e['files']} files",
+            e["warm"]["seconds"],
+            f"{e['warm']['requests']} requests",
+            "<= 1",
+        ],
+        [
+            "(e) warm open, origin stopped",
+            f"{e['files']} files",
+            e["origin_down"]["seconds"],
+            ",".join(e["origin_down"]["warnings"]) or "no warning",
+            "opens, warns",
         ],
     ]
     print(f"median of {repeat}, interleaved")

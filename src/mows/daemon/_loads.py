@@ -67,6 +67,7 @@ class _Location:
     digest: str = ""  # sha256 of the crc32 file when last checked
     origin_error: str | None = None
     checks: int = 0  # origin revalidations
+    checked_at: float = -1e9  # monotonic time of the last answer from the origin
     check: asyncio.Future[tuple[Version, str]] | None = None  # one in flight, shared
 
 
@@ -97,14 +98,22 @@ class LoadService:
         pool.on_change = self._space_changed
 
     # -- versions ------------------------------------------------------------------------------
-    async def resolve(self, location: str) -> tuple[Version, str]:
+    async def resolve(self, location: str, max_age: float = 0.0) -> tuple[Version, str]:
         """The version ``location`` holds now, and why the origin could not be asked ("" if
-        it was). Concurrent calls share one revalidation."""
+        it was). Concurrent calls share one revalidation; ``max_age`` accepts an answer that
+        old (prefetch re-plans often, and need not ask the origin each time)."""
         loc = self._locations.setdefault(location, _Location())
         if loc.version is None:
             record = self.pool.locations.get(location)
             if record is not None:
                 loc.version, loc.digest = self.pool.versions.get(record.version), record.digest
+        if (
+            max_age
+            and loc.version is not None
+            and time.monotonic() - loc.checked_at < max_age
+            and self.pool.versions.get(loc.version.id) is loc.version
+        ):
+            return loc.version, ""
         if loc.check is None:
             loc.check = asyncio.ensure_future(self._revalidate(location, loc))
 

@@ -27,6 +27,7 @@ __all__ = ["Prefetcher"]
 log = logging.getLogger("mows.daemon")
 
 REPLAN_INTERVAL = 5.0  # seconds between passes: membership and the model list change
+REVALIDATE_EVERY = 60.0  # seconds between prefetch's questions to the origin of a model
 
 
 class Prefetcher:
@@ -109,7 +110,7 @@ class Prefetcher:
     async def _prefetch(self, location: str) -> None:
         """Fetch this node's share of a model (or all of it) chunk by chunk, yielding to every
         client open, at most ``prefetch_rate`` bytes a second."""
-        v, _ = await self.loads.resolve(location)
+        v, _ = await self.loads.resolve(location, max_age=REVALIDATE_EVERY)
         share = self.peering is not None and self.config.prefetch == "share"
         if share:
             await self._settled_members(v.id)

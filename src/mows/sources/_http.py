@@ -59,11 +59,17 @@ class HttpSource(Source):
         return f"{self.url}/{quote(rel, safe='/')}"
 
     def _request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, stream: bool = False
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        retries: int | None = None,
     ) -> urllib3.BaseHTTPResponse:
         url = self._file_url(path) if path else self.url + "/"
         delay = self._backoff
-        for attempt in range(self._retries + 1):
+        retries = self._retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 resp = self._pool.request(
                     method, url, headers=headers, preload_content=not stream, redirect=True
@@ -76,7 +82,7 @@ class HttpSource(Source):
                 err = f"HTTP {resp.status}"
                 resp.drain_conn()
                 resp.release_conn()
-            if attempt == self._retries:
+            if attempt == retries:
                 raise SourceError(self.url, path, f"{err} after {attempt + 1} attempts")
             log.debug("%s %s: %s, retrying in %.2fs", method, url, err, delay)
             time.sleep(delay)
@@ -108,8 +114,9 @@ class HttpSource(Source):
         return FileStat(path, int(length), mtime_ns)
 
     def read_file(self, path: str, limit: int) -> bytes:
-        """One GET, the body bounded by ``limit``."""
-        resp = self._request("GET", path, stream=True)
+        """One GET, the body bounded by ``limit``. Retried once only: a warm open that asks
+        whether the model changed must not wait out the full backoff of a dead origin."""
+        resp = self._request("GET", path, stream=True, retries=min(1, self._retries))
         try:
             self._check(resp, path, (200,))
             length = resp.headers.get("Content-Length")
