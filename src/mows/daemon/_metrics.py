@@ -1,4 +1,5 @@
-"""Prometheus metrics of the daemon (``--metrics-listen``), read from its counters at scrape.
+"""Prometheus metrics of the daemon (``--metrics-listen``), read at scrape from a status
+snapshot the event loop builds (never from live state on the HTTP thread).
 
 Names follow Prometheus conventions: base units (bytes, seconds), ``_total`` for counters.
 """
@@ -87,6 +88,11 @@ class _StatusCollector(Collector):
             ),
             ("mows_peer_failures", "peer_failures", "Peer transfers that failed or stalled."),
             ("mows_loads_failed", "loads_failed", "Loads that ended in an error."),
+            (
+                "mows_stale_opens",
+                "stale_opens",
+                "Warm opens served from the cached version: the origin could not be reached.",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=st[key])
         integrity = CounterMetricFamily(
@@ -132,3 +138,13 @@ class _StatusCollector(Collector):
             prefetch.add_metric([m["path"], "held"], m.get("held_bytes", 0))
             prefetch.add_metric([m["path"], "target"], m.get("target_bytes", 0))
         yield prefetch
+        yield GaugeMetricFamily(
+            "mows_origin_unreachable",
+            "Model paths whose origin did not answer the last revalidation.",
+            value=sum(m.get("origin") == "unreachable" for m in st["models"]),
+        )
+        yield GaugeMetricFamily(
+            "mows_versions_superseded_bytes",
+            "Pool bytes held by versions their origin has replaced (evicted first once free).",
+            value=sum(v["reserved_bytes"] for v in st.get("versions", []) if v["superseded"]),
+        )
