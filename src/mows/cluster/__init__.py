@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._directory import Cluster, Holding, NodeInfo, fingerprint
+from ._directory import Cluster, Holding, NodeInfo
 from ._placement import owner, rendezvous_score
 
-__all__ = ["Cluster", "Holding", "NodeInfo", "fingerprint", "owner", "rendezvous_score"]
+__all__ = ["Cluster", "Holding", "NodeInfo", "owner", "rendezvous_score"]

@@ -6,8 +6,9 @@ Layout under ``/mows/<cluster>/`` (all values msgpack; bytes never pass through 
                             written once, not under a lease
   holdings/<model>/<node>   which chunks of a model the node holds (a compressed bitmap) and
                             their CRC-32s, under the same lease; written in batches
-A model is keyed by its fingerprint (file names, sizes, CRCs, chunk size), so nodes that mount
-the same storage at different paths still share. Ownership is computed, never stored.
+A model is keyed by its version id (``mows.manifest.version_id``: file names, sizes, CRCs,
+chunk size), so nodes that mount the same storage at different paths still share.
+Ownership is computed, never stored.
 
 When etcd is unreachable the view turns unhealthy: loads fall back to origin and local
 clients are served as before; a background task reconnects, re-registers and republishes.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import zlib
@@ -31,17 +31,9 @@ from ..manifest import Manifest
 from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
 from ._placement import owner
 
-__all__ = ["Cluster", "Holding", "NodeInfo", "fingerprint"]
+__all__ = ["Cluster", "Holding", "NodeInfo"]
 
 log = logging.getLogger("mows.cluster")
-
-
-def fingerprint(manifest: Manifest) -> str:
-    """The model's identity across the cluster: what its bytes are, not where it is mounted."""
-    h = hashlib.sha256(str(manifest.chunk_size).encode())
-    for f in manifest.files:
-        h.update(f"\0{f.path}\0{f.size}\0{f.crc32}\0{f.mtime_ns}".encode())
-    return h.hexdigest()[:24]
 
 
 class NodeInfo(msgspec.Struct, frozen=True):

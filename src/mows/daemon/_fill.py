@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .._crc import combine_chunks, crc32
 from .._errors import IntegrityError
-from ..manifest import Chunk
+from ..manifest import Chunk, chunk_count
 from ..pool import PoolFile
 from ..sources import Source
 
@@ -71,7 +71,7 @@ def check_file(f: PoolFile, chunk_crcs: dict[int, int], source: str) -> int:
 def crc_of_pool_file(path: str, chunk_size: int, expected: Sequence[int]) -> bool:
     """Re-verify a pool file against its recorded chunk CRCs (used when adopting)."""
     size = os.path.getsize(path)
-    if chunk_size <= 0 or len(expected) != -(-size // chunk_size):
+    if chunk_size <= 0 or len(expected) != chunk_count(size, chunk_size):
         return False
     with open(path, "rb") as fh:
         if size == 0:

@@ -141,7 +141,8 @@ class Prefetcher:
                 return
             f = self.pool.reserve_chunk(v, entry.path, chunk.length)
             if f is None:
-                if entry.path in v.files:
+                taken = v.files.get(entry.path)
+                if taken is not None and taken.state is not FileState.PARTIAL:
                     continue  # a load has taken the file over
                 state["state"] = "stopped: the pool is full"
                 return
