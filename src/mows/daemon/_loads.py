@@ -15,8 +15,10 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .._config import DaemonConfig
@@ -24,6 +26,7 @@ from .._errors import (
     CapacityError,
     DaemonError,
     IntegrityError,
+    ManifestError,
     MowsError,
     SourceError,
     SourceNotFoundError,
@@ -38,6 +41,8 @@ from ._peering import Peering
 __all__ = ["LoadService", "Opened", "check_origin"]
 
 log = logging.getLogger("mows.daemon")
+
+REVALIDATE_TIMEOUT = 10.0  # seconds a warm open waits for the origin before using its cache
 
 
 @dataclass
@@ -92,6 +97,8 @@ class LoadService:
         self._queue: collections.deque[object] = collections.deque()  # loads waiting for space
         self._space = asyncio.Event()
         self.prefetch_writes: dict[PoolFile, asyncio.Task[None]] = {}  # set by the prefetcher
+        # Revalidation and header parsing: never queued behind a big load's chunk reads.
+        self._meta = ThreadPoolExecutor(2, thread_name_prefix="mows-meta")
         self.foreground = 0  # opens in progress: prefetch pauses while there are any
         self.idle = asyncio.Event()
         self.idle.set()
@@ -101,19 +108,21 @@ class LoadService:
     async def resolve(self, location: str, max_age: float = 0.0) -> tuple[Version, str]:
         """The version ``location`` holds now, and why the origin could not be asked ("" if
         it was). Concurrent calls share one revalidation; ``max_age`` accepts an answer that
-        old (prefetch re-plans often, and need not ask the origin each time)."""
+        old (prefetch re-plans often, and need not ask the origin each time). With a cached
+        version at hand, an origin slower than ``REVALIDATE_TIMEOUT`` counts as unreachable."""
         loc = self._locations.setdefault(location, _Location())
         if loc.version is None:
             record = self.pool.locations.get(location)
             if record is not None:
                 loc.version, loc.digest = self.pool.versions.get(record.version), record.digest
+        cached = loc.version if loc.version is not None and _has_ready(loc.version) else None
         if (
             max_age
-            and loc.version is not None
+            and cached is not None
             and time.monotonic() - loc.checked_at < max_age
-            and self.pool.versions.get(loc.version.id) is loc.version
+            and self.pool.versions.get(cached.id) is cached
         ):
-            return loc.version, ""
+            return cached, ""
         if loc.check is None:
             loc.check = asyncio.ensure_future(self._revalidate(location, loc))
 
@@ -121,7 +130,14 @@ class LoadService:
                 loc.check = None
 
             loc.check.add_done_callback(done)
-        return await asyncio.shield(loc.check)
+        if cached is None:
+            return await asyncio.shield(loc.check)
+        try:
+            return await asyncio.wait_for(asyncio.shield(loc.check), REVALIDATE_TIMEOUT)
+        except TimeoutError:  # the check goes on; this open does not wait for it
+            reason = f"the origin did not answer in {REVALIDATE_TIMEOUT:g} s"
+            loc.origin_error = reason
+            return cached, reason
 
     async def _revalidate(self, location: str, loc: _Location) -> tuple[Version, str]:
         known = loc.version
@@ -129,35 +145,44 @@ class LoadService:
         try:
             source = self.source(location)
             manifest, digest = await asyncio.get_running_loop().run_in_executor(
-                self.fetcher.executor,
+                self._meta,
                 check_origin,
                 source,
                 known.manifest if known is not None else None,
                 loc.digest,
                 self.config,
             )
-        except SourceError as e:
-            if known is None or not any(f.state is FileState.READY for f in known.files.values()):
-                raise
+        except (SourceError, ManifestError) as e:
+            # Unreachable, or caught mid-update (a torn crc32.txt): the cached, verified
+            # version is still what this location last held for sure.
             loc.origin_error = str(e)
-            self.counters.stale_opens += 1
+            if known is None or not _has_ready(known):
+                raise
             log.warning(
-                "%s: origin unreachable (%s): opening the cached version %s", location, e, known.id
+                "%s: cannot revalidate (%s): opening the cached version %s", location, e, known.id
             )
             return known, str(e)
         loc.origin_error = None
-        version = (
-            known
-            if manifest is None and known is not None
-            else self.pool.version(
-                manifest  # type: ignore[arg-type]
-            )
-        )
+        loc.checked_at = time.monotonic()
+        if manifest is None and known is not None:
+            version = known
+        else:
+            assert manifest is not None
+            version = self.pool.version(manifest)
         self.pool.bind(location, version, digest)
         loc.version, loc.digest = version, digest
         if self.peering is not None:
             self.peering.join(version)
         return version, ""
+
+    def _distrust(self, location: str) -> None:
+        """A fill of the location's version failed its check or its read: the next open lists
+        the origin again instead of trusting the crc32 file's digest (it may have been read
+        before the files it describes were all written)."""
+        loc = self._locations.get(location)
+        if loc is not None and loc.version is not None and loc.digest:
+            loc.digest = ""
+            self.pool.bind(location, loc.version, "")
 
     def location_info(self, location: str) -> dict[str, object]:
         """Status of a location: its version and whether its origin answered last time."""
@@ -209,17 +234,21 @@ class LoadService:
         start = time.perf_counter()
         self.foreground += 1
         self.idle.clear()  # prefetch pauses before its next chunk
+        v: Version | None = None
         try:
             if version is not None:
-                v = self.pool.versions.get(version)
-                if v is None:
+                found = self.pool.versions.get(version)
+                if found is None:
                     raise DaemonError(
                         f"{location}: version {version} is no longer known to the daemon",
                         "DaemonError",
                     )
                 stale = ""
             else:
-                v, stale = await self.resolve(location)
+                found, stale = await self.resolve(location)
+            v = self.pool.hold(found)  # known to the pool until this open ends
+            if stale:
+                self.counters.stale_opens += 1
             if rels is None:
                 rels = [f.path for f in v.manifest.files]
             unknown = sorted(r for r in rels if not v.has(r))
@@ -232,13 +261,17 @@ class LoadService:
             except BaseException:
                 self.pool.unpin(files, transient=transient)
                 raise
-        except MowsError:
+        except MowsError as e:
             self.counters.loads_failed += 1
+            if version is None and isinstance(e, IntegrityError | SourceError):
+                self._distrust(location)
             raise
         finally:
             self.foreground -= 1
             if not self.foreground:
                 self.idle.set()
+            if v is not None:
+                self.pool.release_user(v)
         if stats is None:
             self.counters.hits += 1
             stats = _FillStats()
@@ -258,31 +291,33 @@ class LoadService:
 
     async def _admit(self, v: Version, rels: list[str], transient: bool) -> list[PoolFile]:
         """Wait in line for room; only the head of the line may evict or take free space,
-        so a big load is never starved by smaller ones (opens that need no space pass)."""
+        so a big load is never starved by smaller ones (opens that need no space pass, and
+        one that can never fit fails at once wherever it stands)."""
         ticket = object()
         self._queue.append(ticket)
         deadline = time.monotonic() + self.config.load_timeout
         try:
             while True:
-                if self._queue[0] is ticket or self.pool.need(v, rels) == 0:
-                    files = self.pool.admit(v, rels, transient=transient)
-                    if files is not None:
-                        return files
+                changed = self._space  # taken before checking: no wake-up is lost
+                head = self._queue[0] is ticket
+                files = self.pool.admit(v, rels, transient=transient, take=head)
+                if files is not None:
+                    return files
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CapacityError(
                         self.pool.explain(v, self.pool.need(v, rels))
                         + f" (waited {self.config.load_timeout:g}s: --load-timeout)"
                     )
-                self._space.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._space.wait(), min(remaining, 1.0))
+                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
         finally:
             self._queue.remove(ticket)
             self._space_changed()
 
     def _space_changed(self) -> None:
         self._space.set()
+        self._space = asyncio.Event()
 
     async def _fill_all(
         self,
@@ -328,14 +363,22 @@ class LoadService:
             await asyncio.wait([writing])
         v = f.version
         stats = _FillStats()
-        fd = self.pool.open_partial(f)
-        target = FillTarget(self.source(location), v, FileFill(fd, f.size))
         crcs = dict(f.chunk_crcs)
         chunks = [c for c in f.chunks() if c.index not in crcs]
         stats.reused = sum(c.length for c in f.chunks() if c.index in crcs)
         f.filled_bytes = stats.reused
         tasks: list[asyncio.Task[int]] = []
+        target: FillTarget | None = None
         try:
+            source = self.source(location)
+            if f.entry.crc32 is None:  # no content identity: it must still be the same file
+                await self._check_unlisted(source, f)
+            fd = self.pool.open_partial(f)
+            try:
+                target = FillTarget(source, v, FileFill(fd, f.size))
+            except BaseException:
+                os.close(fd)
+                raise
             if self.peering is not None:
                 self.peering.serve_file(f, fd)
                 cluster = self.peering.cluster
@@ -357,9 +400,9 @@ class LoadService:
             except IntegrityError:
                 self.counters.integrity_failures += 1
                 raise
-            index = await asyncio.get_running_loop().run_in_executor(
-                self.fetcher.executor, index_file, f
-            )
+            if f.entry.crc32 is None and stats.from_origin:
+                await self._check_unlisted(source, f)  # not rewritten while we read it
+            index = await asyncio.get_running_loop().run_in_executor(self._meta, index_file, f)
             target.fill.close()
             self.pool.commit(f, crcs, actual)
             if index is not None:
@@ -368,12 +411,26 @@ class LoadService:
         except BaseException:
             for t in tasks:
                 t.cancel()
-            await target.drain()  # reads still running write into the mapping
+            if target is not None:
+                await target.drain()  # reads still running write into the mapping
             await asyncio.gather(*tasks, return_exceptions=True)
             self.pool.discard(f)
             raise
         finally:
-            target.fill.close()
+            if target is not None:
+                target.fill.close()
+
+    async def _check_unlisted(self, source: Source, f: PoolFile) -> None:
+        """A file crc32.txt does not list is known by size and modification time only: if
+        either changed at the origin, its bytes are no longer this version's."""
+        st = await asyncio.get_running_loop().run_in_executor(self._meta, source.stat, f.rel)
+        if st.size != f.entry.size or st.mtime_ns != f.entry.mtime_ns:
+            raise SourceError(
+                source.url,
+                f.rel,
+                "changed at the origin (and crc32.txt does not list it): this version's bytes "
+                "are no longer there; open the model again for the new version",
+            )
 
     async def drain(self, timeout: float) -> None:
         tasks = list(self._fills.values())
@@ -385,6 +442,11 @@ class LoadService:
         for t in list(self._fills.values()):
             t.cancel()
         await asyncio.gather(*self._fills.values(), return_exceptions=True)
+        self._meta.shutdown(wait=False, cancel_futures=True)
+
+
+def _has_ready(v: Version) -> bool:
+    return any(f.state is FileState.READY for f in v.files.values())
 
 
 def check_origin(
@@ -393,25 +455,37 @@ def check_origin(
     """Ask the origin whether ``known`` is still what it holds: one read of the crc32 file
     when its digest still matches (and a stat per file it does not list). Returns (None,
     digest) if unchanged, else the new manifest (tensor indexes are parsed later, from the
-    verified pool bytes) and its crc32 file's digest. Runs in a worker thread."""
-    if known is not None and known.crc32_file:
-        try:
-            blob: bytes | None = source.read_file(known.crc32_file, MAX_CRC32_FILE_BYTES)
-        except SourceNotFoundError:
-            blob = None
-        if blob is not None and hashlib.sha256(blob).hexdigest() == digest:
-            unchanged = True
-            for rel in known.unlisted:
-                st = source.stat(rel)
-                entry = known.file(rel)
-                unchanged &= st.size == entry.size and st.mtime_ns == entry.mtime_ns
-            if unchanged:
-                return None, digest
+    verified pool bytes) and the digest of exactly the crc32 bytes it was built from. Runs
+    in a worker thread."""
+    crc_rel = (known.crc32_file if known is not None else None) or config.crc32_file
+    try:
+        blob: bytes | None = source.read_file(crc_rel, MAX_CRC32_FILE_BYTES)
+    except SourceNotFoundError:
+        blob = None
+    new_digest = hashlib.sha256(blob).hexdigest() if blob is not None else ""
+    unchanged = known is not None and blob is not None and new_digest == digest
+    if unchanged and _unlisted_unchanged(source, known):  # type: ignore[arg-type]
+        return None, digest
     manifest = build_manifest(
-        source, chunk_size=config.chunk_size, crc32_file=config.crc32_file, index_tensors=False
+        source,
+        chunk_size=config.chunk_size,
+        crc32_file=config.crc32_file,
+        index_tensors=False,
+        crc32_data=blob if crc_rel == config.crc32_file else None,
     )
-    new_digest = ""
-    if manifest.crc32_file:
-        blob = source.read_file(manifest.crc32_file, MAX_CRC32_FILE_BYTES)
-        new_digest = hashlib.sha256(blob).hexdigest()
-    return manifest, new_digest
+    if not manifest.files:
+        # An empty directory (a mount that came back empty) is not a new, empty model.
+        raise SourceError(source.url, "", "the model directory holds no files")
+    return manifest, new_digest if manifest.crc32_file else ""
+
+
+def _unlisted_unchanged(source: Source, known: Manifest) -> bool:
+    for rel in known.unlisted:
+        try:
+            st = source.stat(rel)
+        except SourceNotFoundError:
+            return False
+        entry = known.file(rel)
+        if st.size != entry.size or st.mtime_ns != entry.mtime_ns:
+            return False
+    return True

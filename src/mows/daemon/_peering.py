@@ -85,6 +85,8 @@ class Peering:
     def serve_file(self, f: PoolFile, fd: int) -> None:
         """Serve ``f``'s checked chunks (those it holds now and those to come) from ``fd``."""
         v = f.version
+        if v.id not in self.cluster.models:
+            self.cluster.join(v.id, v.total_chunks, v.manifest)
         if not self.chunks.has_file(v.id, f.rel):
             self.chunks.add_file(v.id, f.rel, fd)
             for c in f.chunks():
@@ -93,6 +95,8 @@ class Peering:
 
     def held(self, version: Version, chunk: Chunk, crc: int) -> None:
         """A chunk arrived and passed its CRC: peers may fetch it now (pipelining)."""
+        if version.id not in self.cluster.models:  # e.g. opened stale: never revalidated
+            self.cluster.join(version.id, version.total_chunks, version.manifest)
         self.chunks.add_chunk(version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
         self.cluster.mark_held(version.id, version.chunk_range(chunk.path)[chunk.index], crc)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 from .._config import DaemonConfig
-from .._errors import IntegrityError
+from .._errors import IntegrityError, ManifestError
 from ..manifest import Chunk, FileEntry
 from ..pool import FileState, Pool, PoolFile, Version, index_file
 from ._fetcher import ChunkFetcher, Counters, FillTarget
@@ -136,8 +137,8 @@ class Prefetcher:
             await self._throttle(chunk.length)
             if _present(v, entry, chunk) or not self._mine(v, chunk, share):
                 continue
-            if self.pool.versions.get(v.id) is not v:
-                state["state"] = "superseded"
+            if self.pool.versions.get(v.id) is not v or v.superseded:
+                state["state"] = "superseded"  # the origin moved on: re-planned next pass
                 return
             f = self.pool.reserve_chunk(v, entry.path, chunk.length)
             if f is None:
@@ -160,19 +161,30 @@ class Prefetcher:
         else the origin; completes the file when it was the last one missing."""
         crc: int | None = None
         target: FillTarget | None = None
+        self.pool.pin([f], transient=True)  # a second hold, kept through the completion
         try:
-            fd = self.pool.open_partial(f)
-            target = FillTarget(self.loads.source(location), f.version, FileFill(fd, f.size))
-            if self.peering is not None:
-                self.peering.serve_file(f, fd)
-            crc = await self.fetcher.obtain(target, chunk, wait_for_owner=False)
+            try:
+                source = self.loads.source(location)
+                fd = self.pool.open_partial(f)
+                try:
+                    target = FillTarget(source, f.version, FileFill(fd, f.size))
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if self.peering is not None:
+                    self.peering.serve_file(f, fd)
+                crc = await self.fetcher.obtain(target, chunk, wait_for_owner=False)
+            finally:
+                if target is not None:
+                    await target.drain()
+                    if crc is None:  # whatever was written of the chunk leaves the pool too
+                        target.fill.forget(chunk)
+                    target.fill.close()
+                self.pool.end_chunk(f, chunk.index, chunk.length, crc)
+            if f.state is FileState.PARTIAL and len(f.chunk_crcs) == len(f.chunks()):
+                await self._complete(f)
         finally:
-            if target is not None:
-                await target.drain()
-                target.fill.close()
-            self.pool.end_chunk(f, chunk.index, chunk.length, crc)
-        if f.state is FileState.PARTIAL and len(f.chunk_crcs) == len(f.chunks()):
-            await self._complete(f)
+            self.pool.unpin([f], transient=True)
 
     async def _complete(self, f: PoolFile) -> None:
         try:
@@ -180,9 +192,10 @@ class Prefetcher:
             index = await asyncio.get_running_loop().run_in_executor(
                 self.fetcher.executor, index_file, f
             )
-        except IntegrityError as e:
-            self.counters.integrity_failures += 1
-            log.error("prefetch: %s: dropped", e)
+        except (IntegrityError, ManifestError, OSError) as e:
+            if isinstance(e, IntegrityError):
+                self.counters.integrity_failures += 1
+            log.error("prefetch: %s/%s: %s: dropped", f.version.manifest.source, f.rel, e)
             self.pool.discard(f)
             return
         if f.state is FileState.PARTIAL and f.version.files.get(f.rel) is f:

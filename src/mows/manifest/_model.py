@@ -122,6 +122,7 @@ def build_manifest(
     crc32_file: str | None = "crc32.txt",
     require_crc32_file: bool = False,
     index_tensors: bool = True,
+    crc32_data: bytes | None = None,
 ) -> Manifest:
     """Describe the model at ``source``.
 
@@ -142,7 +143,9 @@ def build_manifest(
             where = f"{source.url}/{crc_rel}"
             if crc_stat.size > 16 * 1024 * 1024:
                 raise Crc32FileError(where, f"file of {crc_stat.size} bytes is too large")
-            crcs = parse_crc32(source.read_range(crc_rel, 0, crc_stat.size), where)
+            if crc32_data is None:  # else: the bytes the caller read (and digested) already
+                crc32_data = source.read_range(crc_rel, 0, crc_stat.size)
+            crcs = parse_crc32(crc32_data, where)
             present = {s.path for s in stats}
             missing = sorted(set(crcs) - present)
             if missing:

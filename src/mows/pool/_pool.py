@@ -145,24 +145,32 @@ class Pool:
                 out += pages(f.size) - f.held_bytes
         return out
 
-    def admit(self, version: Version, rels: list[str], *, transient: bool) -> list[PoolFile] | None:
+    def admit(
+        self, version: Version, rels: list[str], *, transient: bool, take: bool = True
+    ) -> list[PoolFile] | None:
         """Room for ``rels`` of ``version``, all or nothing, and a pin on each of them in the
         same step (so nothing can evict a file between its load and its client's pin).
 
         Files not yet in the pool are reserved (FILLING) for the caller to fill. Returns None
-        when memory that will be released (evictable later, held only transiently) is needed:
-        the caller waits and asks again. Raises ``CapacityError`` when it can never fit.
+        when memory that will be released (evictable later, held only transiently) is needed,
+        or when the caller may not ``take`` space now (it waits its turn): it waits and asks
+        again. Raises ``CapacityError`` when it can never fit beside what clients hold.
         """
+        # Callers hold the version (``hold``), so it cannot have been forgotten meanwhile.
+        assert self.versions.get(version.id) is version, "admitting an untracked version"
         present = [version.files[r] for r in rels if r in version.files]
         need = self.need(version, rels)
         free = self.capacity - self.used_bytes
-        if need > free:
+        if need > 0:
             keep = set(present)
+            held = sum(f.reserved for f in self.files() if f.pins and f not in keep)
+            if need > self.capacity - held - sum(f.reserved for f in present):
+                raise CapacityError(self.explain(version, need))
+            if not take:
+                return None
+        if need > free:
             victims = self._victims(keep)
             if need > free + sum(f.reserved for f in victims):
-                held = sum(f.reserved for f in self.files() if f.pins and f not in keep)
-                if need > self.capacity - held - sum(f.reserved for f in present):
-                    raise CapacityError(self.explain(version, need))
                 return None
             for f in victims:
                 if need <= free:
@@ -280,6 +288,16 @@ class Pool:
             if self.used_bytes <= self.capacity:
                 break
             self._evict(f)
+
+    def hold(self, version: Version) -> Version:
+        """Keep ``version`` known while a caller uses it (an open, a stream); registers it
+        again if it had been forgotten meanwhile (superseded, emptied). Returns the object
+        the pool tracks for that content."""
+        tracked = self.versions.get(version.id)
+        if tracked is None:
+            tracked = self.versions[version.id] = version
+        tracked.users += 1
+        return tracked
 
     def release_user(self, version: Version) -> None:
         version.users = max(0, version.users - 1)
