@@ -478,6 +478,52 @@ def test_restarted_daemon_serves_the_adopted_version_without_origin(
     assert st["bytes_from_origin"] == 0
 
 
+def test_an_emptied_origin_directory_serves_the_cached_version(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A mount that comes back empty is not a new, empty model: the cached version is opened,
+    with the warning (regression: an empty listing used to become an empty version)."""
+    m = make_random_model(tmp_path / "models" / "m", 4, files=2, seed=7)
+    generate_crc32(m)
+    keep = tmp_path / "kept"
+    shutil.copytree(m, keep)
+    d = daemon_factory(roots=[tmp_path / "models"])
+    with mows.open_model(m, socket=d.socket, fallback=False) as h:
+        version = h.version
+    wait_unpinned(d.socket)
+    for f in m.iterdir():
+        f.unlink()
+    _open_without_origin(d.socket, str(m), keep, version).close()
+
+
+def test_crc32_written_before_its_weights_does_not_poison_the_location(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """An upload that writes the new crc32.txt first and the weights after: an open in
+    between fails cleanly (IntegrityError or a source error), and once the upload is complete
+    the next open gets the new model (regression: the half-uploaded sizes stayed bound to the
+    crc32 file's digest, and every later open failed)."""
+    m = make_random_model(tmp_path / "models" / "m", 4, files=2, seed=8)
+    generate_crc32(m)
+    d = daemon_factory(roots=[tmp_path / "models"])
+    with mows.open_model(m, socket=d.socket, fallback=False) as h:
+        old = h.version
+    wait_unpinned(d.socket)
+    new = make_random_model(tmp_path / "upload", 6, files=2, seed=9)  # other sizes too
+    generate_crc32(new)
+    shutil.copyfile(new / "crc32.txt", m / "crc32.txt")
+    for f in sorted(new.glob("*.safetensors")):  # half of each new file so far
+        data = f.read_bytes()
+        (m / f.name).write_bytes(data[: len(data) // 2])
+    with pytest.raises((mows.IntegrityError, mows.SourceError)):
+        mows.open_model(m, socket=d.socket, fallback=False).close()
+    for f in sorted(new.glob("*")):  # the upload completes
+        shutil.copyfile(f, m / f.name)
+    with mows.open_model(m, socket=d.socket, fallback=False) as h:
+        assert h.version != old
+        assert_same_as_files(h.state_dict(), new)
+
+
 # -- 4. integrity is the daemon's -----------------------------------------------------------------
 
 
