@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import CapacityError, DaemonUnavailableError, IntegrityError, MowsError
 from ..manifest import FileEntry, Manifest, TensorInfo, build_manifest
 from ..sources import open_source
-from ._session import Session, get_session
+from ._session import get_session
 
 if TYPE_CHECKING:
     import torch
@@ -357,40 +357,41 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
             stacklevel=3,
         )
     order = [f.path for f in manifest.files if f.path.endswith(".safetensors")]
-    # Two connections: the next file loads on one while the consumer reads the other's.
-    second = Session(first.path)
-    sessions = (first, second)
+    # Two connections: the next file loads on one while the consumer reads the other's. Both
+    # live as long as the process, like its main one: a pin must outlast the stream while a
+    # tensor the consumer kept still maps its file.
+    sessions = (first, get_session(socket, lane="stream-ahead"))
 
-    held: dict[int, tuple[Session, str]] = {}  # file index -> pin not yet released
+    def fetch(i: int) -> ModelHandle:
+        session, rel = sessions[i % 2], order[i]
+        ready = session.open(location, files=[rel], version=version)
+        model = ready.model
+        # Released (and evicted first) once the consumer has moved past the file and no
+        # tensor of it is left: the pool never counts less than what is mapped.
+        return ModelHandle(
+            ready.manifest,
+            ready.files,
+            model=model,
+            release=lambda: session.release(model, [rel], consumed=True),
+        )
 
-    def fetch(i: int) -> tuple[Session, ModelHandle]:
-        session = sessions[i % 2]
-        ready = session.open(location, files=[order[i]], version=version)
-        held[i] = (session, ready.model)
-        return session, ModelHandle(ready.manifest, ready.files, model=ready.model)
-
-    def release(i: int) -> None:
-        session, model = held.pop(i)
-        session.release_now(model, [order[i]], consumed=True)
-
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="mows-stream") as ahead:
-            pending = ahead.submit(fetch, 0) if order else None
-            try:
-                for i in range(len(order)):
-                    assert pending is not None
-                    _, handle = pending.result()
-                    # Fetch the next file while the consumer reads this one. The previous
-                    # one was released already, so the pool holds at most these two.
-                    pending = ahead.submit(fetch, i + 1) if i + 1 < len(order) else None
-                    with handle:
-                        yield from handle.iter_weights()
-                    release(i)  # the consumer has moved past it: evicted first
-            finally:
-                if pending is not None:
-                    pending.cancel()
-    finally:
-        for i in list(held):  # a consumer that stopped early leaves nothing pinned
-            with contextlib.suppress(MowsError, OSError):
-                release(i)
-        second.close()
+    with ThreadPoolExecutor(1, thread_name_prefix="mows-stream") as ahead:
+        pending = ahead.submit(fetch, 0) if order else None
+        try:
+            for i in range(len(order)):
+                assert pending is not None
+                handle = pending.result()
+                pending = None
+                with handle:
+                    for item in handle.iter_weights():
+                        yield item
+                        # Back from the consumer, which has let go of the previous file's
+                        # last tensor by now: fetch the next file while it reads this one.
+                        if pending is None and i + 1 < len(order):
+                            pending = ahead.submit(fetch, i + 1)
+                if pending is None and i + 1 < len(order):  # a file without tensors
+                    pending = ahead.submit(fetch, i + 1)
+        finally:
+            if pending is not None and not pending.cancel():
+                with contextlib.suppress(MowsError, OSError):
+                    pending.result().close()  # fetched ahead, never read: release it

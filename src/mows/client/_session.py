@@ -50,6 +50,8 @@ class Session:
         self._request_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._releases: queue.SimpleQueue[p.Release | None] = queue.SimpleQueue()
+        self._unsent = 0  # releases queued and not yet sent
+        self._sent = threading.Condition()
         threading.Thread(target=self._release_loop, name="mows-release", daemon=True).start()
 
     def _send(self, msg: msgspec.Struct) -> None:
@@ -79,6 +81,7 @@ class Session:
         keeps them there while this connection holds them (the caller then owes one
         ``release`` with the same ``files``). ``version`` asks for that exact version (a
         reader that must not see an update made at the origin meanwhile)."""
+        self._wait_releases()  # what this process let go of counts before what it asks for
         with self._request_lock:
             try:
                 self._send(p.Open(path, crc32_file, pin, files, version))
@@ -125,11 +128,13 @@ class Session:
     ) -> None:
         """Drop one pin on ``model`` (or on ``files``); safe to call from a finalizer."""
         if os.getpid() == self.pid and not self.closed:
+            with self._sent:
+                self._unsent += 1
             self._releases.put(p.Release(model, files, consumed))
 
-    def release_now(self, model: str, files: list[str] | None = None, *, consumed: bool) -> None:
-        """Drop a pin at once, ordered before any later request on this connection."""
-        self._send(p.Release(model, files, consumed))
+    def _wait_releases(self, timeout: float = 2.0) -> None:
+        with self._sent:
+            self._sent.wait_for(lambda: self._unsent == 0 or self.closed, timeout)
 
     def _release_loop(self) -> None:
         while True:
@@ -141,6 +146,10 @@ class Session:
             except OSError:
                 self.closed = True
                 return
+            finally:
+                with self._sent:
+                    self._unsent -= 1
+                    self._sent.notify_all()
 
     def close(self) -> None:
         self.closed = True
@@ -148,18 +157,19 @@ class Session:
         self._sock.close()
 
 
-_sessions: dict[str, Session] = {}
+_sessions: dict[tuple[str, str], Session] = {}
 _lock = threading.Lock()
 
 
-def get_session(path: str | None = None) -> Session:
+def get_session(path: str | None = None, lane: str = "") -> Session:
     """This process's connection to the daemon on ``path`` (default: MOWS_SOCKET, then
-    /run/mows/mows.sock), made on first use and remade if it was lost."""
+    /run/mows/mows.sock), made on first use and remade if it was lost. Another ``lane`` is
+    another connection of the same lifetime (requests on one connection run one at a time)."""
     path = path or default_socket()
     with _lock:
-        session = _sessions.get(path)
+        session = _sessions.get((path, lane))
         if session is None or session.closed or session.pid != os.getpid():
-            session = _sessions[path] = Session(path)
+            session = _sessions[(path, lane)] = Session(path)
         return session
 
 

@@ -10,7 +10,9 @@ the node's one daemon, so a node fetches a model once whatever its TP size.
 - ``fallback``: with no daemon, read the files directly (checked against crc32.txt) with a
   warning [true]; false makes an absent daemon an error at once;
 - ``prefetch``: start the pool fetch when loading begins, while vLLM builds the model, rather
-  than when it asks for the first weight [true].
+  than when it asks for the first weight [true];
+- ``model``: the weights' location for the daemon, e.g. an ``http(s)://`` URL, when vLLM's
+  ``--model`` is a local directory of config and tokenizer files [vLLM's ``--model``].
 
 vLLM 0.32 never calls a loader's ``download_model``; ``load_model`` is where a loader may start
 early, so the fetch starts there, in a thread, and its progress goes to vLLM's log.
@@ -107,29 +109,38 @@ def _loader_class() -> type:
             self.socket = extra.pop("socket", None)
             self.fallback = bool(extra.pop("fallback", True))
             self.prefetch = bool(extra.pop("prefetch", True))
+            model = extra.pop("model", None)
+            if model is not None and not isinstance(model, str):
+                raise ValueError(f"mows load format: 'model' must be a string, not {model!r}")
+            self.model: str | None = model
             if extra:
                 raise ValueError(
                     f"mows load format: unknown --model-loader-extra-config keys {sorted(extra)}"
-                    " (known: socket, fallback, prefetch)"
+                    " (known: socket, fallback, prefetch, model)"
                 )
+
+        def weights(self, model_config: Any) -> str:
+            """Where the daemon reads the weights: the ``model`` key, else vLLM's --model."""
+            return self.model or str(model_config.model)
 
         def download_model(self, model_config: Any) -> None:
             # Fetch into the pool now (no pin): load_weights then only maps.
-            get_session(self.socket).open(str(model_config.model), pin=False)
+            get_session(self.socket).open(self.weights(model_config), pin=False)
 
         def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
             # Start filling the pool while vLLM builds the model; load_weights joins the fetch.
             if self.prefetch:
-                _Prefetch(str(model_config.model), self.socket)
+                _Prefetch(self.weights(model_config), self.socket)
             return super().load_model(vllm_config, model_config, prefix)
 
         def load_weights(self, model: Any, model_config: Any) -> None:
             started = time.perf_counter()
-            weights = iter_weights(model_config.model, socket=self.socket, fallback=self.fallback)
+            where = self.weights(model_config)
+            weights = iter_weights(where, socket=self.socket, fallback=self.fallback)
             loaded = model.load_weights(weights)
             log.info(
                 "mows: weights of %s loaded from the pool in %.2f s",
-                model_config.model,
+                where,
                 time.perf_counter() - started,
             )
             if loaded is not None:
