@@ -2,10 +2,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup engines demo test lint typecheck unit bench clean
 
 setup:
 	@bash scripts/setup.sh
+
+# A real vLLM (CPU build) in a venv of its own, for its test and bench/engines.py.
+engines: setup
+	@bash scripts/setup-vllm.sh
 
 demo: setup
 	$(BIN)/python -m mows.demo
@@ -17,7 +21,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy src/mows
 
-test: setup lint typecheck
+test: setup engines lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
@@ -25,4 +29,4 @@ bench: setup
 	$(BIN)/python bench/local.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) .venv-vllm .venv-vllm.log .venv-vllm.failed .pytest_cache .mypy_cache .ruff_cache .demo

