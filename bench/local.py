@@ -17,14 +17,11 @@ All sides are measured interleaved in one run; medians are printed and written t
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +33,7 @@ from safetensors.numpy import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import median, table, write_json  # noqa: E402
+from _common import CountingOrigin, median, table, write_json  # noqa: E402
 
 from tests.daemons import DaemonProcess, mows_load  # noqa: E402
 
@@ -127,64 +124,6 @@ sys.stdin.readline()  # measure only while all N processes hold the model
 print(json.dumps(pss() - before), flush=True)
 sys.stdin.readline()
 """
-
-
-class CountingOrigin(http.server.ThreadingHTTPServer):
-    """A plain HTTP origin (GET with Range, HEAD) that counts the requests it answers."""
-
-    daemon_threads = True
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        self.down = False  # stopped: kept-alive connections are dropped too
-        super().__init__(("127.0.0.1", 0), _OriginHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _OriginHandler(http.server.BaseHTTPRequestHandler):
-    server: CountingOrigin
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def _answer(self, body: bool) -> None:
-        if self.server.down:
-            self.close_connection = True
-            return
-        self.server.requests.append(f"{self.command} {self.path}")
-        path = self.server.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        size = path.stat().st_size
-        start, end = 0, size - 1
-        rng = self.headers.get("Range")
-        if rng:
-            a, _, b = rng.removeprefix("bytes=").partition("-")
-            start, end = int(a), min(int(b), size - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        if body:
-            with open(path, "rb") as fh:
-                self.wfile.write(os.pread(fh.fileno(), end - start + 1, start))
 
 
 WARM_REQUESTS = """

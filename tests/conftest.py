@@ -165,3 +165,13 @@ def etcd(tmp_path: Path) -> Iterator[Any]:
     server = EtcdProcess(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's standalone S3 server on loopback (real HTTP, SigV4), for the whole session."""
+    from tests.daemons import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()

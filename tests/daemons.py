@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ class DaemonProcess:
         max_memory: str = "1GiB",
         extra: list[str] | None = None,
         pool_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.base = base
+        self.env = env or {}  # added to (and overriding) os.environ at start
         self.socket = str(base / "mows.sock")
         # A unique pool under /dev/shm: real shared memory, removed by stop().
         self.pool_dir = pool_dir or Path("/dev/shm") / f"mows-test-{uuid.uuid4().hex[:10]}"
@@ -53,7 +56,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if k != "MOWS_SOCKET"}
+        env = {k: v for k, v in os.environ.items() if k != "MOWS_SOCKET"} | self.env
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.socket):
@@ -159,6 +162,91 @@ class EtcdProcess:
                     self.stop()
                     raise RuntimeError("etcd did not start") from None
                 time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+
+
+class MotoServer:
+    """moto's standalone S3 server on loopback: real HTTP, SigV4-signed requests.
+
+    ``env`` is what a process needs to reach it through the standard AWS chain.
+    """
+
+    def __init__(self, base: Path, server_env: dict[str, str] | None = None) -> None:
+        from tests.conftest import free_port
+
+        self.server_env = server_env or {}  # e.g. INITIAL_NO_AUTH_ACTION_COUNT: SigV4 checked
+        self.binary = str(Path(sys.executable).parent / "moto_server")
+        if not os.path.exists(self.binary):
+            import pytest
+
+            pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+        self.base = base
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "mows-test-key",
+            "AWS_SECRET_ACCESS_KEY": "mows-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            # nothing from this machine's own AWS setup, and no wait on instance metadata
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> MotoServer:
+        import socket
+
+        self._log = open(self.base / "moto.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [self.binary, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | self.server_env,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.05)
+
+    def client(self, endpoint: str | None = None) -> Any:
+        """A boto3 S3 client for setting up buckets (tests only)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            region_name=self.env["AWS_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def upload(self, bucket: str, prefix: str, model: Path) -> str:
+        """Every file under ``model`` to ``s3://bucket/prefix/``; returns that URL."""
+        s3 = self.client()
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+        for f in sorted(model.rglob("*")):
+            if f.is_file():
+                s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(model).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,7 +1,8 @@
 """Whole-model CRC-32 checks: several blocks in flight, each byte read once.
 
-Blocks are read with ``preadv`` into a few reusable buffers small enough to stay in cache,
-CRC'd there (isal releases the GIL, so threads overlap), and combined into file CRCs.
+Blocks are read (``preadv`` locally, ranged GETs from object stores) into a few reusable
+buffers small enough to stay in cache, CRC'd there (isal releases the GIL, so threads
+overlap), and combined into file CRCs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import msgspec
 
 from ._crc import combine_chunks, crc32
 from .manifest import FileStat, build_manifest
-from .sources import open_source
-from .sources._local import LocalSource
+from .sources import Source, open_source
 
 __all__ = ["FileResult", "VerifyReport", "crc32_of_files", "verify_model"]
 
@@ -50,7 +50,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
 
 
 def crc32_of_files(
-    source: LocalSource,
+    source: Source,
     files: Iterable[FileStat],
     *,
     workers: int | None = None,
@@ -98,14 +98,13 @@ def verify_model(
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check every file the crc32 file lists; raises ``Crc32FileError`` for a bad crc32 file."""
-    source = open_source(model_dir)
-    assert isinstance(source, LocalSource)
-    manifest = build_manifest(
-        source, crc32_file=crc32_file, require_crc32_file=True, index_tensors=False
-    )
-    listed = [f for f in manifest.files if f.crc32 is not None]
-    stats = [FileStat(f.path, f.size, f.mtime_ns) for f in listed]
-    crcs = crc32_of_files(source, stats, workers=workers, progress=progress)
+    with open_source(model_dir) as source:
+        manifest = build_manifest(
+            source, crc32_file=crc32_file, require_crc32_file=True, index_tensors=False
+        )
+        listed = [f for f in manifest.files if f.crc32 is not None]
+        stats = [FileStat(f.path, f.size, f.mtime_ns) for f in listed]
+        crcs = crc32_of_files(source, stats, workers=workers, progress=progress)
     results = []
     for f in listed:
         got = crcs[f.path]

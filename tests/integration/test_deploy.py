@@ -31,7 +31,7 @@ def check_object(data: Any, type_name: str, where: str) -> None:
         for i, item in enumerate(data):
             check_object(item, m.group(1), f"{where}[{i}]")
         return
-    m = re.fullmatch(r"dict\(str, (.+)\)|Dict\[str, (.+)\]", type_name)
+    m = re.fullmatch(r"dict\(str, (.+)\)|[Dd]ict\[str, (.+)\]", type_name)
     if m:
         assert isinstance(data, dict), f"{where}: expected a mapping"
         for k, v in data.items():

@@ -16,23 +16,41 @@ def crc32() -> None:
     """Generate or verify a model's crc32.txt (standard CRC-32, as the crc32 tool prints)."""
 
 
+def _model_arg(value: str) -> str:
+    """A local directory (checked here, as click would) or a URL, left to its source."""
+    if "://" not in value and not os.path.isdir(value):
+        raise click.BadParameter(f"directory {value!r} does not exist", param_hint="MODEL_DIR")
+    return value
+
+
 @crc32.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", callback=lambda _c, _p, v: _model_arg(v))
 @click.option(
-    "-o", "--output", default=None, help="Where to write (default MODEL_DIR/crc32.txt; - = stdout)."
+    "-o",
+    "--output",
+    default=None,
+    help="Where to write (default MODEL_DIR/crc32.txt, stdout for a URL; - = stdout).",
 )
 @click.option("--workers", type=int, default=None, help="Blocks in flight.")
 def generate(model_dir: str, output: str | None, workers: int | None) -> None:
-    """Write '<crc32> <path>' for every file of MODEL_DIR, sorted by path."""
+    """Write '<crc32> <path>' for every file of MODEL_DIR (a directory or a URL such as
+    s3://bucket/prefix), sorted by path. Nothing is written to a remote store: upload the
+    output yourself."""
     from .._verify import crc32_of_files
     from ..manifest import format_crc32
+    from ..sources import open_source
     from ..sources._local import LocalSource
 
-    source = LocalSource(model_dir)
-    target = output or os.path.join(source.root, "crc32.txt")
-    skip = os.path.realpath(target) if target != "-" else None
-    files = [f for f in source.list_files() if os.path.join(source.root, f.path) != skip]
-    crcs = crc32_of_files(source, files, workers=workers)
+    with open_source(model_dir) as source:
+        if isinstance(source, LocalSource):
+            target = output or os.path.join(source.root, "crc32.txt")
+            skip = os.path.realpath(target) if target != "-" else None
+            files = [f for f in source.list_files() if os.path.join(source.root, f.path) != skip]
+        else:  # every object (not just an old crc32.txt's names), less that crc32.txt
+            target = output or "-"
+            listing = getattr(source, "list_objects", source.list_files)()
+            files = [f for f in listing if f.path != "crc32.txt"]
+        crcs = crc32_of_files(source, files, workers=workers)
     errors = {p: v for p, v in crcs.items() if isinstance(v, Exception)}
     if errors:
         for path, err in errors.items():
@@ -50,7 +68,7 @@ def generate(model_dir: str, output: str | None, workers: int | None) -> None:
 
 
 @crc32.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", callback=lambda _c, _p, v: _model_arg(v))
 @click.option("--crc32-file", default="crc32.txt", show_default=True, help="Relative to MODEL_DIR.")
 @click.option("--workers", type=int, default=None, help="Blocks in flight.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only failures.")

@@ -424,7 +424,7 @@ class LoadService:
         """A file crc32.txt does not list is known by size and modification time only: if
         either changed at the origin, its bytes are no longer this version's."""
         st = await asyncio.get_running_loop().run_in_executor(self._meta, source.stat, f.rel)
-        if st.size != f.entry.size or st.mtime_ns != f.entry.mtime_ns:
+        if (st.size, st.mtime_ns, st.etag) != (f.entry.size, f.entry.mtime_ns, f.entry.etag):
             raise SourceError(
                 source.url,
                 f.rel,
@@ -486,6 +486,6 @@ def _unlisted_unchanged(source: Source, known: Manifest) -> bool:
         except SourceNotFoundError:
             return False
         entry = known.file(rel)
-        if st.size != entry.size or st.mtime_ns != entry.mtime_ns:
+        if (st.size, st.mtime_ns, st.etag) != (entry.size, entry.mtime_ns, entry.etag):
             return False
     return True

@@ -33,6 +33,7 @@ class FileStat(msgspec.Struct, frozen=True):
     path: str
     size: int
     mtime_ns: int
+    etag: str = ""  # the object store's ETag, where there is one (S3)
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -50,6 +51,7 @@ class FileEntry(msgspec.Struct, frozen=True):
     mtime_ns: int
     crc32: int | None = None  # from the crc32 file, when it lists this file
     safetensors: SafetensorsIndex | None = None
+    etag: str = ""  # last, with a default: manifests written before it still decode
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -85,11 +87,15 @@ def version_id(manifest: Manifest) -> str:
 
     Names, sizes, crc32.txt values and the chunk plan; no timestamps, so identical content at
     two locations is one version. A file the crc32 file does not list has no content identity:
-    its modification time stands in for one, so that an update of it is still a new version.
+    its ETag (an object store's, which changes with every rewrite) or else its modification
+    time stands in for one, so that an update of it is still a new version.
     """
     h = hashlib.sha256(f"mows-version-1\0{manifest.chunk_size}".encode())
     for f in manifest.files:
-        content = f"{f.crc32:08x}" if f.crc32 is not None else f"mtime:{f.mtime_ns}"
+        if f.crc32 is not None:
+            content = f"{f.crc32:08x}"
+        else:
+            content = f"etag:{f.etag}" if f.etag else f"mtime:{f.mtime_ns}"
         h.update(f"\0{f.path}\0{f.size}\0{content}".encode())
     return h.hexdigest()[:24]
 
@@ -162,7 +168,7 @@ def build_manifest(
         index = None
         if index_tensors and s.path.endswith(".safetensors"):
             index = _index(source, s)
-        files.append(FileEntry(s.path, s.size, s.mtime_ns, crcs.get(s.path), index))
+        files.append(FileEntry(s.path, s.size, s.mtime_ns, crcs.get(s.path), index, etag=s.etag))
     unlisted = tuple(f.path for f in files if f.crc32 is None) if crc_rel else ()
     return Manifest(source.url, chunk_size, tuple(files), crc_rel, unlisted)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 import os
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
@@ -12,6 +14,8 @@ from .._errors import ConfigError, SourceError
 from ..manifest import FileStat
 
 __all__ = ["Source", "open_source", "register_source"]
+
+log = logging.getLogger("mows.sources")
 
 
 class Source(ABC):
@@ -68,6 +72,7 @@ _REGISTRY: dict[str, str] = {
     "file": "mows.sources._local:LocalSource",
     "http": "mows.sources._http:HttpSource",
     "https": "mows.sources._http:HttpSource",
+    "s3": "mows.sources._s3:S3Source",
 }
 
 
@@ -77,7 +82,9 @@ def register_source(scheme: str, target: str) -> None:
 
 
 def open_source(location: str | os.PathLike[str], **options: object) -> Source:
-    """Open the model at a path or URL (``file://``, ``http(s)://``, or a registered scheme)."""
+    """Open the model at a path or URL (``file://``, ``http(s)://``, ``s3://`` or a registered
+    scheme). ``options`` (the daemon's ``[sources]`` table) serve every scheme: each source
+    gets those its constructor names (all of them if it takes ``**kwargs``)."""
     text = os.fspath(location)
     scheme = urlsplit(text).scheme.lower() if "://" in text else "file"
     target = _REGISTRY.get(scheme)
@@ -93,8 +100,20 @@ def open_source(location: str | os.PathLike[str], **options: object) -> Source:
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except ImportError as e:
-        raise ConfigError(f"{text}: the {scheme!r} source needs {e.name!r}: pip install it") from e
-    source = cls(text, **options)
+        extra = " (pip install 'mows[s3]')" if scheme == "s3" else ": pip install it"
+        raise ConfigError(f"{text}: the {scheme!r} source needs {e.name!r}{extra}") from e
+    source = cls(text, **_accepted(cls, options))
     if not isinstance(source, Source):
         raise SourceError(text, "", f"{target} is not a mows.sources.Source")
     return source
+
+
+def _accepted(cls: type, options: dict[str, object]) -> dict[str, object]:
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return options
+    names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    ignored = sorted(set(options) - names)
+    if ignored:
+        log.debug("%s: options %s are for other sources", cls.__name__, ", ".join(ignored))
+    return {k: v for k, v in options.items() if k in names}
