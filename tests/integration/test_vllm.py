@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, make_tiny_qwen2
 from tests.daemons import generate_crc32
 from tests.vllm_server import VllmServer, engine_unavailable
 
@@ -97,3 +97,39 @@ def test_absent_daemon_is_a_clear_error_not_a_hang(smol: Path, tmp_path: Path) -
         server.start(timeout=180)
     log = server.log()
     assert "DaemonUnavailableError" in log and sock in log, log[-3000:]
+
+
+def test_tensor_parallel_ranks_share_one_fetch(daemon_factory: Any, tmp_path: Path) -> None:
+    """TP=2 on CPU: both ranks are clients of one daemon, the node fetches the model once,
+    and the greedy tokens equal a single-rank run with the default loader."""
+    # 4 heads of 32 (vLLM-CPU's attention kernels need head_dim >= 32), 2 KV heads: TP=2 fits.
+    model = make_tiny_qwen2(tmp_path / "tiny-qwen2", hidden=128, shard="200KB")
+    generate_crc32(model)
+    prompt = [1, 5, 9, 42, 7]
+    common: dict[str, Any] = {"max_model_len": 128, "tokenizer": False}
+    with VllmServer(model, free_port(), tmp_path / "tp1.log", **common).start() as one:
+        want = one.complete(prompt, max_tokens=8)["token_ids"]
+    assert want
+    d = daemon_factory(roots=[model], max_memory="1GiB", extra=["--prefetch", "off"])
+    two = VllmServer(
+        model,
+        free_port(),
+        tmp_path / "tp2.log",
+        load_format="mows",
+        extra_config={"socket": d.socket, "fallback": False},
+        tp=2,
+        **common,
+    )
+    with two.start():
+        got = two.complete(prompt, max_tokens=8)["token_ids"]
+    assert got == want
+    log = two.log()
+    assert "Worker_TP0" in log and "Worker_TP1" in log, log[-3000:]
+    assert log.count("loaded from the pool") == 2, log[-3000:]
+    st = d.status()
+    (m,) = [m for m in st["models"] if m["path"] == str(model)]
+    assert st["bytes_from_origin"] == m["bytes"], st  # fetched once for both ranks
+    # Four opens (each rank's early fetch and its load_weights); those that arrived while the
+    # fill ran joined it (a miss each), none fetched again.
+    assert st["misses"] >= 1 and st["hits"] + st["misses"] == 4, st
+    assert st["pinned_bytes"] == 0
