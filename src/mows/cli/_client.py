@@ -102,12 +102,25 @@ def status(socket: str | None, as_json: bool) -> None:
     models = st["models"]
     assert isinstance(models, list)
     if models:
-        click.echo(f"{'cached':>7}  {'size':>10}  {'pins':>4}  {'state':<8}  model")
+        click.echo(
+            f"{'cached':>7}  {'size':>10}  {'pins':>4}  {'state':<8}  {'version':<12}  model"
+        )
         for m in models:
+            origin = (
+                "  (origin unreachable: cached version)" if m["origin"] == "unreachable" else ""
+            )
             click.echo(
                 f"{100 * m['cached_fraction']:6.1f}%  {m['bytes'] / 2**20:8.1f}Mi  {m['pins']:>4}  "
-                f"{m['state']:<8}  {m['path']}"
+                f"{m['state']:<8}  {(m['version'] or '-')[:12]:<12}  {m['path']}{origin}"
             )
+    versions = st.get("versions") or []
+    assert isinstance(versions, list)
+    old = [v for v in versions if v["superseded"] and v["reserved_bytes"]]
+    for v in old:
+        click.echo(
+            f"superseded version {v['id'][:12]}: {v['reserved_bytes'] / 2**20:.1f} MiB, "
+            f"{v['pins']} pins, {v['users']} readers (evicted first once released)"
+        )
 
     cluster = st.get("cluster")
     if isinstance(cluster, dict):
