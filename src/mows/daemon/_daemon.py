@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from .. import _protocol as p
 from .._config import DaemonConfig
@@ -178,10 +179,12 @@ class Daemon:
         """The canonical location for ``path``, if it lies under an allowed root."""
         if "://" in path:
             location = path.rstrip("/")
+            # Decoded before any check: "%2e%2e/" is "../" to the origin that receives it.
+            decoded = unquote(location)
+            if "/../" in decoded + "/" or "/./" in decoded + "/" or "\\" in decoded:
+                raise AccessDeniedError(f"{path}: relative segments are not allowed in a URL")
             for root in self._roots:
                 if "://" in root and (location == root or location.startswith(root + "/")):
-                    if "/../" in location + "/" or "/./" in location + "/":
-                        break
                     return location
         else:
             if not os.path.isabs(path):

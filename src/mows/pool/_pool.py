@@ -20,13 +20,14 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 
 import msgspec
 
 from .._crc import combine_chunks
-from .._errors import CapacityError, HeaderError
+from .._errors import CapacityError, ConfigError, HeaderError
 from ..manifest import Manifest, SafetensorsIndex, read_safetensors_index, version_id
 from ._version import FileState, PoolFile, Version, pages
 
@@ -74,6 +75,7 @@ class Pool:
         self.evicted_bytes = 0
         self.evicted_last_copy_bytes = 0
         os.makedirs(self.root, mode=0o755, exist_ok=True)
+        _check_root(self.root)
 
     # -- versions and locations --------------------------------------------------------------
     def version(self, manifest: Manifest) -> Version:
@@ -473,6 +475,25 @@ class _Meta(msgspec.Struct, frozen=True):
     format: int
     manifest: Manifest
     files: dict[str, _FileMeta]
+
+
+def _check_root(root: str) -> None:
+    """The pool root must be ours alone: a directory someone else owns or may write could hold
+    planted "verified" files (adoption trusts what it finds there only after re-reading it, but
+    the layout, metadata and names would be theirs)."""
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"pool_dir {root}: not a directory")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"pool_dir {root}: owned by uid {st.st_uid}, not this daemon's ({os.geteuid()}); "
+            "remove it or give it to the daemon's user"
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"pool_dir {root}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "chmod go-w it"
+        )
 
 
 def _read_meta(path: str) -> _Meta | None:

@@ -1,0 +1,90 @@
+"""Inputs an attacker controls: URLs with encoded traversal, a pool directory planted or
+opened up by someone else."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mows
+
+
+def test_encoded_traversal_in_a_url_is_refused(
+    daemon_factory: Any, nginx_root: tuple[str, Path]
+) -> None:
+    """``%2e%2e/`` is ``../`` to the origin: refused before any prefix check."""
+    url, _ = nginx_root
+    d = daemon_factory(roots=[f"{url}/models"])
+    for path in (
+        f"{url}/models/%2e%2e/secret",
+        f"{url}/models/a/%2E%2E/%2e%2e/etc",
+        f"{url}/models/./x",
+    ):
+        with pytest.raises(mows.AccessDeniedError):
+            mows.open_model(path, socket=d.socket, fallback=False)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_pool_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """A pool root writable by group or others could hold planted files: the daemon refuses
+    to start, naming the directory and its mode."""
+    pool = Path("/dev/shm") / f"mows-test-planted-{uuid.uuid4().hex[:8]}"
+    pool.mkdir()
+    try:
+        os.chmod(pool, mode)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mows",
+                "serve",
+                "--max-memory",
+                "64MiB",
+                "--socket",
+                str(tmp_path / "s.sock"),
+                "--pool-dir",
+                str(pool),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0
+        assert str(pool) in r.stderr and f"{mode:o}" in r.stderr, r.stderr
+        assert not (tmp_path / "s.sock").exists()
+    finally:
+        os.rmdir(pool)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_a_pool_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    pool = Path("/dev/shm") / f"mows-test-planted-{uuid.uuid4().hex[:8]}"
+    pool.mkdir(mode=0o755)
+    try:
+        os.chown(pool, 65534, 65534)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mows",
+                "serve",
+                "--max-memory",
+                "64MiB",
+                "--socket",
+                str(tmp_path / "s.sock"),
+                "--pool-dir",
+                str(pool),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and "owned by uid 65534" in r.stderr, r.stderr
+    finally:
+        os.rmdir(pool)
