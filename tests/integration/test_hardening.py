@@ -30,6 +30,22 @@ def test_encoded_traversal_in_a_url_is_refused(
             mows.open_model(path, socket=d.socket, fallback=False)
 
 
+def serve_refused(pool: Path, tmp_path: Path) -> str:
+    """Start a daemon on ``pool``; it must refuse at once. Returns its stderr."""
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "mows", "serve", "--max-memory", "64MiB"),
+            *("--socket", str(tmp_path / "s.sock"), "--pool-dir", str(pool)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0, r.stdout
+    assert not (tmp_path / "s.sock").exists()
+    return r.stderr
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o775])
 def test_a_pool_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
     """A pool root writable by group or others could hold planted files: the daemon refuses
@@ -38,26 +54,8 @@ def test_a_pool_directory_others_may_write_is_refused(tmp_path: Path, mode: int)
     pool.mkdir()
     try:
         os.chmod(pool, mode)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mows",
-                "serve",
-                "--max-memory",
-                "64MiB",
-                "--socket",
-                str(tmp_path / "s.sock"),
-                "--pool-dir",
-                str(pool),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode != 0
-        assert str(pool) in r.stderr and f"{mode:o}" in r.stderr, r.stderr
-        assert not (tmp_path / "s.sock").exists()
+        err = serve_refused(pool, tmp_path)
+        assert str(pool) in err and f"{mode:o}" in err, err
     finally:
         os.rmdir(pool)
 
@@ -68,23 +66,7 @@ def test_a_pool_directory_owned_by_another_user_is_refused(tmp_path: Path) -> No
     pool.mkdir(mode=0o755)
     try:
         os.chown(pool, 65534, 65534)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mows",
-                "serve",
-                "--max-memory",
-                "64MiB",
-                "--socket",
-                str(tmp_path / "s.sock"),
-                "--pool-dir",
-                str(pool),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode != 0 and "owned by uid 65534" in r.stderr, r.stderr
+        err = serve_refused(pool, tmp_path)
+        assert "owned by uid 65534" in err, err
     finally:
         os.rmdir(pool)
