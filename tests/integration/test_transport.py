@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,4 +165,102 @@ def test_no_secret_means_loopback_only() -> None:
         try:
             assert server.address.startswith("127.0.0.1:")
         finally:
+            server.close()
+
+
+def _fetch_one(client: Any, server: Any) -> None:
+    dest = bytearray(CHUNK)
+    crc = client.fetch(server.address, "m", "f.bin", 0, memoryview(dest), crc32(DATA[:CHUNK]))
+    assert bytes(dest) == DATA[:CHUNK] and crc == crc32(DATA[:CHUNK])
+
+
+def test_slow_handshake_is_cut_at_its_deadline() -> None:
+    """One byte every half second never completes a handshake: the server closes the
+    connection at its wall-clock deadline, though no single receive times out."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        server = TcpPeerServer(
+            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, handshake_timeout=2
+        )
+        try:
+            host, port = server.address.rsplit(":", 1)
+            slow = socket.create_connection((host, int(port)))
+            slow.settimeout(10)
+            start = time.monotonic()
+            closed = False
+            try:
+                for b in struct.pack(">I", 1000) + b"x" * 40:
+                    slow.sendall(bytes([b]))
+                    time.sleep(0.5)
+            except OSError:
+                closed = True
+            if not closed:
+                closed = slow.recv(1) == b""
+            assert closed and time.monotonic() - start < 8
+            slow.close()
+        finally:
+            server.close()
+
+
+def test_connection_flood_leaves_the_port_serving_real_peers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hundreds of unauthenticated connections from one host hit the per-address cap; the
+    accept loop keeps going and a real peer (another address) is still served."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        server = TcpPeerServer(
+            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, max_per_address=8
+        )
+        client = make_client("tcp", SECRET)
+        flood: list[socket.socket] = []
+        try:
+            host, port = server.address.rsplit(":", 1)
+            for _ in range(200):
+                flood.append(socket.create_connection((host, int(port))))
+            deadline = time.monotonic() + 10
+            while server.refused < 150 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.refused >= 150, server.refused
+            # The peer comes from another loopback address, so the flood's cap is not its.
+            real = TcpPeerClient(node="client", secret=SECRET, timeout=5)
+            real_server_addr = server.address
+            orig = socket.create_connection
+
+            def from_other(address: Any, *a: Any, **k: Any) -> socket.socket:
+                return orig(address, *a, **{**k, "source_address": ("127.0.0.2", 0)})
+
+            monkeypatch.setattr(socket, "create_connection", from_other)
+            try:
+                dest = bytearray(CHUNK)
+                real.fetch(real_server_addr, "m", "f.bin", 0, memoryview(dest), None)
+                assert bytes(dest) == DATA[:CHUNK]
+            finally:
+                monkeypatch.undo()
+                real.close()
+        finally:
+            for s in flood:
+                s.close()
+            client.close()
+            server.close()
+
+
+def test_a_pooled_connection_closed_while_idle_is_replaced() -> None:
+    """The server ends idle connections; the client's next fetch on the pooled one fails on
+    a closed socket and is retried once on a fresh connection, transparently."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        server = TcpPeerServer(
+            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, idle_timeout=0.5
+        )
+        client = make_client("tcp", SECRET)
+        try:
+            _fetch_one(client, server)
+            time.sleep(1.5)  # the server drops the idle connection
+            _fetch_one(client, server)
+        finally:
+            client.close()
             server.close()

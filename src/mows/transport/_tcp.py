@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from ._wire import (
     ChunkHeader,
     ChunkRequest,
     PeerFailure,
+    PeerMessage,
     client_handshake,
     recv_peer,
     send_peer,
@@ -31,6 +33,11 @@ __all__ = ["TcpPeerClient", "TcpPeerServer", "split_address"]
 log = logging.getLogger("mows.transport")
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# A bounded peer port: whoever reaches it, with or without the secret, holds at most this much.
+MAX_CONNECTIONS = 512  # in all
+MAX_PER_ADDRESS = 64  # from one host (a peer uses `peer_connections`, 4 by default)
+IDLE_TIMEOUT = 120.0  # seconds an authenticated connection may wait for its next request
+SEND_TIMEOUT = 60.0  # seconds a send may block on a reader that stopped reading
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -49,6 +56,9 @@ class TcpPeerServer(PeerServer):
         node: str,
         secret: bytes | None,
         handshake_timeout: float = 10.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_per_address: int = MAX_PER_ADDRESS,
     ) -> None:
         host, port = split_address(listen)
         if not secret and host not in LOOPBACK:
@@ -60,12 +70,18 @@ class TcpPeerServer(PeerServer):
         self.node = node
         self._secret = secret
         self._timeout = handshake_timeout
+        self._idle_timeout = idle_timeout
+        self._max = max_connections
+        self._max_per_address = max_per_address
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         self._address = f"{host}:{self._sock.getsockname()[1]}"
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, str] = {}  # connection -> remote host
+        self._handshaking: dict[socket.socket, float] = {}  # connection -> deadline
+        self.refused = 0  # connections turned away at a cap
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept_loop, name="mows-peer-accept", daemon=True).start()
+        threading.Thread(target=self._watchdog, name="mows-peer-watchdog", daemon=True).start()
         log.info("peer server on %s%s", self._address, "" if secret else " (no secret)")
 
     @property
@@ -73,25 +89,62 @@ class TcpPeerServer(PeerServer):
         return self._address
 
     def _accept_loop(self) -> None:
+        """Accept forever: a refused or failed connection never ends the loop (only close)."""
         while True:
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self._closed:
+                    return
+                log.warning("peer server: accept failed (%s); retrying", e)  # e.g. EMFILE
+                time.sleep(0.1)
+                continue
+            host = str(addr[0])
             with self._lock:
                 if self._closed:
                     conn.close()
                     return
-                self._conns.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"), daemon=True
-            ).start()
+                same = sum(1 for h in self._conns.values() if h == host)
+                if len(self._conns) >= self._max or same >= self._max_per_address:
+                    self.refused += 1
+                    conn.close()
+                    continue
+                self._conns[conn] = host
+                self._handshaking[conn] = time.monotonic() + self._timeout
+            try:
+                threading.Thread(
+                    target=self._serve, args=(conn, f"{host}:{addr[1]}"), daemon=True
+                ).start()
+            except RuntimeError as e:  # no thread to spare: turn this one away, keep serving
+                log.warning("peer server: cannot serve %s: %s", host, e)
+                self._forget(conn)
+
+    def _watchdog(self) -> None:
+        """A wall-clock deadline for handshakes: one byte every few seconds cannot hold a
+        connection (each receive has a timeout, but the whole handshake needs one too)."""
+        while not self._closed:
+            time.sleep(min(1.0, self._timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, deadline in self._handshaking.items() if deadline < now]
+            for c in late:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+
+    def _forget(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.pop(conn, None)
+            self._handshaking.pop(conn, None)
+        conn.close()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             conn.settimeout(self._timeout)
             peer_node = server_handshake(conn, self.node, self._secret, peer)
-            conn.settimeout(None)
+            with self._lock:
+                self._handshaking.pop(conn, None)
+            conn.settimeout(None)  # blocking: sendfile needs it; the kernel times out instead
+            _kernel_timeouts(conn, recv=self._idle_timeout, send=SEND_TIMEOUT)
             while True:
                 req = recv_peer(conn)
                 if not isinstance(req, ChunkRequest):
@@ -118,9 +171,7 @@ class TcpPeerServer(PeerServer):
         except (ProtocolError, PeerError) as e:
             log.warning("dropping peer connection from %s: %s", peer, e)
         finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+            self._forget(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -133,6 +184,25 @@ class TcpPeerServer(PeerServer):
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
+
+
+def _peer_error(address: str, e: BaseException, timeout: float) -> BaseException:
+    """What a failed exchange with a peer is to the caller: a ``PeerError`` naming it."""
+    if isinstance(e, TimeoutError):
+        return PeerError(address, f"stalled for {timeout}s")
+    if isinstance(e, OSError | ProtocolError):
+        return PeerError(address, str(e))
+    return e
+
+
+def _kernel_timeouts(conn: socket.socket, *, recv: float, send: float) -> None:
+    """SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket: an idle or stalled peer ends with EAGAIN
+    while sendfile keeps the blocking semantics it needs."""
+    for opt, seconds in ((socket.SO_RCVTIMEO, recv), (socket.SO_SNDTIMEO, send)):
+        whole = int(seconds)
+        conn.setsockopt(
+            socket.SOL_SOCKET, opt, struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        )
 
 
 class TcpPeerClient(PeerClient):
@@ -154,10 +224,10 @@ class TcpPeerClient(PeerClient):
         self._count: dict[str, int] = defaultdict(int)
         self._cond = threading.Condition()
 
-    def _acquire(self, address: str) -> socket.socket:
+    def _acquire(self, address: str, fresh: bool = False) -> socket.socket:
         with self._cond:
             while True:
-                if self._idle[address]:
+                if self._idle[address] and not fresh:
                     return self._idle[address].pop()
                 if self._count[address] < self._max:
                     self._count[address] += 1
@@ -200,12 +270,28 @@ class TcpPeerClient(PeerClient):
         dest: memoryview,
         expected_crc: int | None,
     ) -> int:
+        request = ChunkRequest(model, path, index)
+        reused = bool(self._idle.get(address))  # a hint: a pooled connection may be stale
         sock = self._acquire(address)
+        try:
+            header = self._ask(sock, request)
+        except ConnectionError as e:
+            self._release(address, sock, False)
+            if not reused:
+                raise PeerError(address, str(e)) from None
+            # A pooled connection the server closed while idle: once more, on a fresh one.
+            log.debug("%s: idle connection closed (%s); reconnecting", address, e)
+            sock = self._acquire(address, fresh=True)
+            try:
+                header = self._ask(sock, request)
+            except BaseException as e2:
+                self._release(address, sock, False)
+                raise _peer_error(address, e2, self._timeout) from None
+        except BaseException as e:
+            self._release(address, sock, False)
+            raise _peer_error(address, e, self._timeout) from None
         ok = False
         try:
-            sock.settimeout(self._timeout)  # a stalled peer costs at most this per recv
-            send_peer(sock, ChunkRequest(model, path, index))
-            header = recv_peer(sock)
             if isinstance(header, PeerFailure):
                 ok = True  # the connection is fine; the peer just lacks the chunk
                 raise PeerError(address, header.message)
@@ -230,12 +316,17 @@ class TcpPeerClient(PeerClient):
                 len(dest) / 2**20 / max(time.monotonic() - start, 1e-9),
             )
             return actual
-        except TimeoutError:
-            raise PeerError(address, f"stalled for {self._timeout}s") from None
-        except (OSError, ProtocolError) as e:
-            raise PeerError(address, str(e)) from None
+        except PeerError:
+            raise
+        except BaseException as e:
+            raise _peer_error(address, e, self._timeout) from None
         finally:
             self._release(address, sock, ok)
+
+    def _ask(self, sock: socket.socket, request: ChunkRequest) -> PeerMessage:
+        sock.settimeout(self._timeout)  # a stalled peer costs at most this per recv
+        send_peer(sock, request)
+        return recv_peer(sock)
 
     def close(self) -> None:
         with self._cond:
