@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -168,6 +169,21 @@ def test_no_secret_means_loopback_only() -> None:
             server.close()
 
 
+@contextlib.contextmanager
+def tcp_server(**options: Any) -> Iterator[TcpPeerServer]:
+    """A TCP peer server on loopback over DATA, with ``options`` (caps, timeouts)."""
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        server = TcpPeerServer(
+            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, **options
+        )
+        try:
+            yield server
+        finally:
+            server.close()
+
+
 def _fetch_one(client: Any, server: Any) -> None:
     dest = bytearray(CHUNK)
     crc = client.fetch(server.address, "m", "f.bin", 0, memoryview(dest), crc32(DATA[:CHUNK]))
@@ -177,30 +193,22 @@ def _fetch_one(client: Any, server: Any) -> None:
 def test_slow_handshake_is_cut_at_its_deadline() -> None:
     """One byte every half second never completes a handshake: the server closes the
     connection at its wall-clock deadline, though no single receive times out."""
-    with tempfile.TemporaryFile() as fh:
-        fh.write(DATA)
-        fh.flush()
-        server = TcpPeerServer(
-            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, handshake_timeout=2
-        )
+    with tcp_server(handshake_timeout=2) as server:
+        host, port = server.address.rsplit(":", 1)
+        slow = socket.create_connection((host, int(port)))
+        slow.settimeout(10)
+        start = time.monotonic()
+        closed = False
         try:
-            host, port = server.address.rsplit(":", 1)
-            slow = socket.create_connection((host, int(port)))
-            slow.settimeout(10)
-            start = time.monotonic()
-            closed = False
-            try:
-                for b in struct.pack(">I", 1000) + b"x" * 40:
-                    slow.sendall(bytes([b]))
-                    time.sleep(0.5)
-            except OSError:
-                closed = True
-            if not closed:
-                closed = slow.recv(1) == b""
-            assert closed and time.monotonic() - start < 8
-            slow.close()
-        finally:
-            server.close()
+            for b in struct.pack(">I", 1000) + b"x" * 40:
+                slow.sendall(bytes([b]))
+                time.sleep(0.5)
+        except OSError:
+            closed = True
+        if not closed:
+            closed = slow.recv(1) == b""
+        assert closed and time.monotonic() - start < 8
+        slow.close()
 
 
 def test_connection_flood_leaves_the_port_serving_real_peers(
@@ -208,13 +216,7 @@ def test_connection_flood_leaves_the_port_serving_real_peers(
 ) -> None:
     """Hundreds of unauthenticated connections from one host hit the per-address cap; the
     accept loop keeps going and a real peer (another address) is still served."""
-    with tempfile.TemporaryFile() as fh:
-        fh.write(DATA)
-        fh.flush()
-        server = TcpPeerServer(
-            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, max_per_address=8
-        )
-        client = make_client("tcp", SECRET)
+    with tcp_server(max_per_address=8) as server:
         flood: list[socket.socket] = []
         try:
             host, port = server.address.rsplit(":", 1)
@@ -243,19 +245,12 @@ def test_connection_flood_leaves_the_port_serving_real_peers(
         finally:
             for s in flood:
                 s.close()
-            client.close()
-            server.close()
 
 
 def test_a_pooled_connection_closed_while_idle_is_replaced() -> None:
     """The server ends idle connections; the client's next fetch on the pooled one fails on
     a closed socket and is retried once on a fresh connection, transparently."""
-    with tempfile.TemporaryFile() as fh:
-        fh.write(DATA)
-        fh.flush()
-        server = TcpPeerServer(
-            "127.0.0.1:0", FileStore(fh.fileno()), node="s", secret=SECRET, idle_timeout=0.5
-        )
+    with tcp_server(idle_timeout=0.5) as server:
         client = make_client("tcp", SECRET)
         try:
             _fetch_one(client, server)
@@ -263,4 +258,3 @@ def test_a_pooled_connection_closed_while_idle_is_replaced() -> None:
             _fetch_one(client, server)
         finally:
             client.close()
-            server.close()
