@@ -70,3 +70,28 @@ def test_a_pool_directory_owned_by_another_user_is_refused(tmp_path: Path) -> No
         assert "owned by uid 65534" in err, err
     finally:
         os.rmdir(pool)
+
+
+def test_the_local_api_bounds_a_request_and_names_its_client(
+    daemon_factory: Any, tiny_qwen2: Path
+) -> None:
+    """A request frame over 1 MiB closes that connection with a ProtocolError (the daemon and
+    other clients carry on); each open is logged with the client's uid and pid."""
+    import socket as sk
+    import struct
+
+    from mows import _protocol as p
+
+    d = daemon_factory(roots=[tiny_qwen2])
+    s = sk.socket(sk.AF_UNIX)
+    s.connect(d.socket)
+    s.settimeout(10)
+    s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid())))
+    assert isinstance(p.decode_response(p.recv_frame(s)), p.Welcome)
+    s.sendall(struct.pack(">I", 2 << 20) + b"\0" * 64)  # announces a 2 MiB request
+    reply = p.decode_response(p.recv_frame(s))
+    assert isinstance(reply, p.Error) and "exceeds" in reply.message, reply
+    s.close()
+    with mows.open_model(tiny_qwen2, socket=d.socket, fallback=False) as h:
+        assert h.keys()
+    assert f"uid {os.getuid()} pid {os.getpid()}" in d.log()

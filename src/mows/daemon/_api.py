@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,10 @@ __all__ = ["Backend", "LocalApi"]
 log = logging.getLogger("mows.daemon")
 
 PROGRESS_INTERVAL = 0.1  # seconds between progress messages to a client
+# What one connection may hold: a member of the socket's group is a client, not the owner.
+MAX_REQUEST = 1 << 20  # bytes in one request frame (requests are small; replies may not be)
+MAX_OPENS_IN_FLIGHT = 64
+MAX_PINS = 4096
 
 _Send = Callable[[msgspec.Struct], Awaitable[None]]
 _PinKey = tuple[str, tuple[str, ...] | None]  # (version, files) as the client pinned them
@@ -50,6 +55,7 @@ class Backend(Protocol):
 class _Connection:
     """One client: its pins (each a list of files pinned by one open) and versions it read."""
 
+    who: str = "?"  # uid/pid of the peer process, from the kernel (SO_PEERCRED)
     pins: dict[_PinKey, list[tuple[list[PoolFile], bool]]] = field(default_factory=dict)
     versions: set[Version] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -81,7 +87,7 @@ class LocalApi:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.clients += 1
-        conn = _Connection()
+        conn = _Connection(who=_peer_credentials(writer))
         send_lock = asyncio.Lock()
 
         async def send(msg: msgspec.Struct) -> None:
@@ -97,6 +103,18 @@ class LocalApi:
             while True:
                 msg = await _read_request(reader)
                 if isinstance(msg, p.Open):
+                    pinned = sum(len(v) for v in conn.pins.values())
+                    if len(conn.tasks) >= MAX_OPENS_IN_FLIGHT or pinned >= MAX_PINS:
+                        await send(
+                            p.Error(
+                                "DaemonError",
+                                f"{msg.path}: too many opens on this connection "
+                                f"({len(conn.tasks)} in flight, {pinned} held; the limits are "
+                                f"{MAX_OPENS_IN_FLIGHT} and {MAX_PINS})",
+                            )
+                        )
+                        continue
+                    log.info("open %s for %s", msg.path, conn.who)
                     t = asyncio.ensure_future(self._open(msg, send, conn))
                     conn.tasks.add(t)
                     t.add_done_callback(conn.tasks.discard)
@@ -208,7 +226,21 @@ class LocalApi:
 
 async def _read_request(reader: asyncio.StreamReader) -> p.Request:
     n = p.check_length(await reader.readexactly(4))
+    if n > MAX_REQUEST:
+        raise ProtocolError(f"request of {n} bytes exceeds the {MAX_REQUEST} byte limit")
     return p.decode_request(await reader.readexactly(n))
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> str:
+    """``uid U pid P`` of the process at the other end, as the kernel reports it."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _ = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
+    except (OSError, AttributeError, struct.error):
+        return "an unknown process"
+    return f"uid {uid} pid {pid}"
 
 
 def _claim_socket_path(path: str) -> None:

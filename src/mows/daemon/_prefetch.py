@@ -15,7 +15,7 @@ import os
 import time
 
 from .._config import DaemonConfig
-from .._errors import IntegrityError, ManifestError
+from .._errors import ConfigError, IntegrityError, ManifestError
 from ..manifest import Chunk, FileEntry
 from ..pool import FileState, Pool, PoolFile, Version, index_file
 from ._fetcher import ChunkFetcher, Counters, FillTarget
@@ -28,6 +28,7 @@ __all__ = ["Prefetcher"]
 log = logging.getLogger("mows.daemon")
 
 REPLAN_INTERVAL = 5.0  # seconds between passes: membership and the model list change
+MAX_EXTRA = 256  # models clients may add with `mows prefetch`
 REVALIDATE_EVERY = 60.0  # seconds between prefetch's questions to the origin of a model
 
 
@@ -64,6 +65,11 @@ class Prefetcher:
                 await self._task
 
     def add(self, location: str) -> None:
+        if location not in self.extra and len(self.extra) >= MAX_EXTRA:
+            raise ConfigError(
+                f"{location}: the prefetch list is full ({MAX_EXTRA} models added by clients); "
+                "list models with --model-path instead"
+            )
         if location not in self.extra:
             self.extra.append(location)
         self._wake.set()
