@@ -146,7 +146,11 @@ def origin_requests(base: Path, model: Path, sock_dir: Path) -> dict[str, Any]:
     shutil.copytree(model, www / "m")
     origin = CountingOrigin(www)
     url = f"{origin.url}/m"
-    d = DaemonProcess(sock_dir, roots=[origin.url], max_memory="8GiB").start()
+    # The daemon's default chunk size (64 MiB), not the tests' 1 MiB: requests per open are
+    # what an operator would see.
+    d = DaemonProcess(
+        sock_dir, roots=[origin.url], max_memory="8GiB", extra=["--chunk-size", "64MiB"]
+    ).start()
     out: dict[str, Any] = {"files": len(list(model.iterdir()))}
     try:
         for kind in ("cold", "warm"):

@@ -164,15 +164,7 @@ class EtcdProcess:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
+        stop_server(self.proc, getattr(self, "_log", None))
 
 
 class MotoServer:
@@ -249,15 +241,20 @@ class MotoServer:
         return f"s3://{bucket}/{prefix}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
+        stop_server(self.proc, getattr(self, "_log", None))
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None, log: Any) -> None:
+    """SIGTERM a helper server (etcd, moto), SIGKILL it after 10 s; close its log."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None:
+        log.close()
 
 
 LOAD = [sys.executable, "-m", "mows", "load", "--json", "--no-progress"]
