@@ -115,16 +115,28 @@ def generate_crc32(model: Path) -> None:
 
 
 class EtcdProcess:
-    """A real single-member etcd on loopback, in its own data directory."""
+    """A real single-member etcd on loopback, in its own data directory.
 
-    def __init__(self, base: Path) -> None:
+    ``tls``: (certificate, key) PEM files: clients connect over https. ``client_ca``: also
+    require client certificates signed by that CA (``--client-cert-auth``).
+    """
+
+    def __init__(
+        self, base: Path, *, tls: tuple[Path, Path] | None = None, client_ca: Path | None = None
+    ) -> None:
         from tests.conftest import free_port, require_tool
 
         self.binary = require_tool("etcd")
         self.base = base
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
+        self.security: list[str] = []
+        if tls:
+            self.security += ["--cert-file", str(tls[0]), "--key-file", str(tls[1])]
+        if client_ca:
+            self.security += ["--trusted-ca-file", str(client_ca), "--client-cert-auth"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> EtcdProcess:
@@ -148,6 +160,7 @@ class EtcdProcess:
                 f"http://127.0.0.1:{self.peer_port}",
                 "--initial-cluster",
                 f"mows-test=http://127.0.0.1:{self.peer_port}",
+                *self.security,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -73,6 +73,7 @@ class DaemonConfig:
     model_paths: tuple[str, ...] = ()
     allow_roots: tuple[str, ...] = ()
     crc32_file: str = "crc32.txt"
+    sha256_file: str = "sha256sums.txt"  # SHA-256 digests checked when present; "" = never ask
     nic: str = "tcp"
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
@@ -87,6 +88,12 @@ class DaemonConfig:
     advertise: str = ""
     node_id: str = ""
     cluster_secret_file: str = ""
+    peer_encryption: bool = False  # AES-256-CTR on chunk bytes between peers (needs the secret)
+    etcd_ca_file: str = ""  # PEM CA bundle for https:// endpoints; empty: the system roots
+    etcd_cert_file: str = ""  # client certificate (PEM), with etcd_key_file
+    etcd_key_file: str = ""
+    etcd_user: str = ""  # etcd user/password auth, with etcd_password_file
+    etcd_password_file: str = ""
     lease_ttl: int = 5
     peer_timeout: float = 30.0
     peer_connections: int = 4
@@ -131,6 +138,14 @@ class DaemonConfig:
             raise ConfigError(
                 f"cluster: names may use letters, digits, '.', '_', '-' ({self.cluster!r})"
             )
+        if self.peer_encryption and not self.cluster_secret_file:
+            raise ConfigError(
+                "peer_encryption: needs cluster_secret_file (the key is derived from it)"
+            )
+        if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
+            raise ConfigError("etcd_cert_file and etcd_key_file: give both or neither")
+        if bool(self.etcd_user) != bool(self.etcd_password_file):
+            raise ConfigError("etcd_user and etcd_password_file: give both or neither")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode: must be an octal file mode such as 0o660")
 
@@ -163,6 +178,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "allow_root": ("allow_roots", lambda v, k: _str_list(v, k)),
     "allow_roots": ("allow_roots", lambda v, k: _str_list(v, k)),
     "crc32_file": ("crc32_file", lambda v, k: _str(v, k)),
+    "sha256_file": ("sha256_file", lambda v, k: _str(v, k)),
     "nic": ("nic", lambda v, k: _str(v, k)),
     "socket": ("socket", lambda v, k: _str(v, k)),
     "socket_mode": ("socket_mode", lambda v, k: _mode(v, k)),
@@ -175,6 +191,12 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "advertise": ("advertise", lambda v, k: _str(v, k)),
     "node_id": ("node_id", lambda v, k: _str(v, k)),
     "cluster_secret_file": ("cluster_secret_file", lambda v, k: _str(v, k)),
+    "peer_encryption": ("peer_encryption", lambda v, k: _bool(v, k)),
+    "etcd_ca_file": ("etcd_ca_file", lambda v, k: _str(v, k)),
+    "etcd_cert_file": ("etcd_cert_file", lambda v, k: _str(v, k)),
+    "etcd_key_file": ("etcd_key_file", lambda v, k: _str(v, k)),
+    "etcd_user": ("etcd_user", lambda v, k: _str(v, k)),
+    "etcd_password_file": ("etcd_password_file", lambda v, k: _str(v, k)),
     "lease_ttl": ("lease_ttl", lambda v, k: _int(v, k)),
     "peer_timeout": ("peer_timeout", lambda v, k: _float(v, k)),
     "peer_connections": ("peer_connections", lambda v, k: _int(v, k)),
@@ -203,6 +225,17 @@ def _str_list(v: object, key: str) -> tuple[str, ...]:
     if isinstance(v, list | tuple) and all(isinstance(p, str) for p in v):
         return tuple(v)
     raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+
+
+def _bool(v: object, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
 
 
 def _int(v: object, key: str) -> int:

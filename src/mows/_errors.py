@@ -4,8 +4,8 @@
     ├── ConfigError           a bad setting, flag or argument (names the key)
     ├── ManifestError         a model that cannot be described (names the file)
     │   ├── HeaderError       a malformed safetensors header
-    │   └── Crc32FileError    a malformed or unsafe crc32.txt (names the line)
-    ├── IntegrityError        bytes whose CRC-32 is not the expected one
+    │   └── Crc32FileError    a malformed or unsafe crc32.txt or sha256 file (names the line)
+    ├── IntegrityError        bytes whose CRC-32 or SHA-256 is not the expected one
     ├── SourceError           origin storage failed (names the source and file)
     │   └── SourceNotFoundError
     ├── AccessDeniedError     a path outside the daemon's allowed roots
@@ -63,7 +63,8 @@ class HeaderError(ManifestError):
 
 
 class Crc32FileError(ManifestError):
-    """A crc32 file is malformed, unsafe, or names files that do not exist."""
+    """A checksum file (crc32.txt, the sha256 file) is malformed, unsafe, or names files that
+    do not exist."""
 
     def __init__(self, path: str, reason: str, line: int | None = None) -> None:
         where = f"{path}:{line}" if line is not None else path
@@ -72,16 +73,24 @@ class Crc32FileError(ManifestError):
 
 
 class IntegrityError(MowsError):
-    """Bytes failed their CRC-32 check; they are never served."""
+    """Bytes failed their CRC-32 check (``expected``/``actual`` are ints) or their SHA-256
+    check (hex strings); they are never served."""
 
     def __init__(
-        self, path: str, expected: int, actual: int, chunk: int | None = None, source: str = ""
+        self,
+        path: str,
+        expected: int | str,
+        actual: int | str,
+        chunk: int | None = None,
+        source: str = "",
     ) -> None:
         part = f" chunk {chunk}" if chunk is not None else ""
         origin = f" (from {source})" if source else ""
-        super().__init__(
-            f"{path}{part}: CRC-32 mismatch, expected {expected:08x}, got {actual:08x}{origin}"
-        )
+        if isinstance(expected, str):
+            what = f"SHA-256 mismatch, expected {expected}, got {actual}"
+        else:
+            what = f"CRC-32 mismatch, expected {expected:08x}, got {actual:08x}"
+        super().__init__(f"{path}{part}: {what}{origin}")
         self.path = path
         self.chunk = chunk
         self.expected = expected

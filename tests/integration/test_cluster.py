@@ -125,22 +125,49 @@ def test_peer_killed_mid_transfer(daemon_factory: Any, etcd: Any, tmp_path: Path
     _wait(lambda: len(b.status()["cluster"]["nodes"]) == 1, timeout=15)
 
 
-def test_corrupt_peer_bytes_are_refetched(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
-    model = make_random_model(tmp_path / "m", 16, files=1)
-    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
-    load_all([a], model)
-    shard = next(a.pool_dir.rglob("*.safetensors"))
-    with open(shard, "r+b") as f:  # rot one byte of A's pool copy behind its back
+def _rot_one_byte(node: DaemonProcess) -> None:
+    shard = next(node.pool_dir.rglob("*.safetensors"))
+    with open(shard, "r+b") as f:  # rot one byte of the pool copy behind the daemon's back
         f.seek(3 * 2**20 + 17)
         byte = f.read(1)
         f.seek(3 * 2**20 + 17)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupt_peer_bytes_are_refetched(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    """A's pool copy rots after A vouched for it (digest computed at fill): B catches the
+    chunk by its digest, counts it, and gets exactly that chunk from the origin."""
+    model = make_random_model(tmp_path / "m", 16, files=1)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all([a], model)
+    _rot_one_byte(a)
     with mows.open_model(model, socket=b.socket, fallback=False) as h:
         assert h.stats["bytes_from_origin"] == 2**20  # exactly the bad chunk, again
         assert_same_as_files(h.state_dict(), model)
     st = b.status()
     assert st["corrupt_chunks_from_peers"] == 1
     assert st["peer_failures"] >= 1
+
+
+def test_rotten_pool_bytes_are_withheld_after_a_restart(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """After a restart A adopts its pool and computes digests when peers first ask, checking
+    each chunk's CRC in the same pass: a chunk that rotted since is withheld and counted, and
+    nothing bad crosses the wire."""
+    model = make_random_model(tmp_path / "m", 16, files=1)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_all([a], model)
+    a.stop(clean=False)
+    a.start()
+    _wait(lambda: len(b.status()["cluster"]["nodes"]) == 2, timeout=15)
+    _wait(lambda: bool(a.status()["cluster"]["models"]), timeout=15)
+    _rot_one_byte(a)
+    with mows.open_model(model, socket=b.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == 2**20
+        assert_same_as_files(h.state_dict(), model)
+    assert a.status()["rotten_chunks_withheld"] == 1
+    assert b.status()["corrupt_chunks_from_peers"] == 0
 
 
 def test_etcd_outage_and_recovery(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:

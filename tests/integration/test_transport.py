@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from mows import PeerError, crc32
+from mows._digest import chunk_digest
 from mows.transport import ServedChunk, TcpPeerClient, TcpPeerServer
 
 SECRET = b"s" * 32
@@ -24,10 +25,11 @@ CHUNK = 2**20
 
 @dataclass
 class FileStore:
-    """A ChunkStore over a real file, with an optional lie about one chunk's CRC."""
+    """A ChunkStore over a real file, with optional lies about chunks' CRCs or digests."""
 
     fd: int
     wrong_crc: set[int] = field(default_factory=set)
+    wrong_digest: set[int] = field(default_factory=set)
     sent: int = 0
 
     def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
@@ -36,7 +38,8 @@ class FileStore:
         off = index * CHUNK
         length = min(CHUNK, len(DATA) - off)
         crc = crc32(DATA[off : off + length]) ^ (1 if index in self.wrong_crc else 0)
-        return ServedChunk(os.dup(self.fd), off, length, crc)
+        digest = chunk_digest(DATA[off : off + length] + b"x" * (index in self.wrong_digest))
+        return ServedChunk(os.dup(self.fd), off, length, crc, digest)
 
     def served(self, peer: str, nbytes: int) -> None:
         self.sent += nbytes
@@ -83,7 +86,8 @@ def test_fetches_every_chunk_bitwise(pair: tuple[Any, Any, FileStore]) -> None:
     for i in range(4):
         off = i * CHUNK
         dest = view[off : min(off + CHUNK, len(DATA))]
-        assert client.fetch(server.address, "m", "f.bin", i, dest, None) == crc32(dest)
+        got = client.fetch(server.address, "m", "f.bin", i, dest, None, "server")
+        assert got.crc == crc32(dest) and got.digest == chunk_digest(dest)
     assert bytes(out) == DATA
     assert store.sent == len(DATA)
 
@@ -106,6 +110,19 @@ def test_bad_bytes_are_detected(pair: tuple[Any, Any, FileStore]) -> None:
     assert e.value.corrupt
     with pytest.raises(PeerError, match="CRC"):
         client.fetch(server.address, "m", "f.bin", 2, memoryview(bytearray(CHUNK)), 12345)
+    store.wrong_digest.add(0)
+    with pytest.raises(PeerError, match="BLAKE3") as e:
+        client.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None)
+    assert e.value.corrupt
+
+
+def test_a_server_proving_another_node_id_is_refused(pair: tuple[Any, Any, FileStore]) -> None:
+    """The directory says which node listens at an address; a server that proves another id
+    (a node moved, or a relay to the wrong node) is not fetched from."""
+    server, client, store = pair
+    with pytest.raises(PeerError, match="expected 'other'"):
+        client.fetch(server.address, "m", "f.bin", 0, memoryview(bytearray(CHUNK)), None, "other")
+    assert store.sent == 0
 
 
 def test_wrong_secret_gets_nothing(kind: str, pair: tuple[Any, Any, FileStore]) -> None:
@@ -186,8 +203,8 @@ def tcp_server(**options: Any) -> Iterator[TcpPeerServer]:
 
 def _fetch_one(client: Any, server: Any) -> None:
     dest = bytearray(CHUNK)
-    crc = client.fetch(server.address, "m", "f.bin", 0, memoryview(dest), crc32(DATA[:CHUNK]))
-    assert bytes(dest) == DATA[:CHUNK] and crc == crc32(DATA[:CHUNK])
+    got = client.fetch(server.address, "m", "f.bin", 0, memoryview(dest), crc32(DATA[:CHUNK]))
+    assert bytes(dest) == DATA[:CHUNK] and got.crc == crc32(DATA[:CHUNK])
 
 
 def test_slow_handshake_is_cut_at_its_deadline() -> None:
@@ -258,3 +275,51 @@ def test_a_pooled_connection_closed_while_idle_is_replaced() -> None:
             _fetch_one(client, server)
         finally:
             client.close()
+
+
+def test_ucx_port_is_bounded() -> None:
+    """UCX: a connection that never completes its handshake is dropped at the deadline, one
+    past the cap is refused at once, and the port still serves a real peer afterwards."""
+    pytest.importorskip("ucxx", reason="--nic ucx needs the mows[ucx] extra")
+    from mows.transport._ucx import _Loop, _ucxx
+
+    server_cls, client_cls = ucx_classes()
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        server = server_cls(
+            "127.0.0.1:0",
+            FileStore(fh.fileno()),
+            node="s",
+            secret=SECRET,
+            handshake_timeout=1.0,
+            max_connections=1,
+        )
+        loop = _Loop.get()
+        port = int(server.address.rsplit(":", 1)[1])
+        try:
+            silent = loop.run(_ucxx().create_endpoint("127.0.0.1", port), 10)
+            deadline = time.monotonic() + 5
+            while server._active == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server._active == 1
+            extra = loop.run(_ucxx().create_endpoint("127.0.0.1", port), 10)
+            deadline = time.monotonic() + 5
+            while server.refused == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.refused == 1
+            while server._active and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+            assert server._active == 0  # the silent one was cut at its handshake deadline
+            for ep in (silent, extra):
+                with contextlib.suppress(Exception):
+                    loop.run(ep.close(), 5)
+            client = client_cls(node="c", secret=SECRET, timeout=5)
+            try:
+                dest = bytearray(CHUNK)
+                client.fetch(server.address, "m", "f.bin", 0, memoryview(dest), None)
+                assert bytes(dest) == DATA[:CHUNK]
+            finally:
+                client.close()
+        finally:
+            server.close()

@@ -99,20 +99,33 @@ def _crc32(cfg: Any, root: str) -> str:
 
 
 def _etcd(cfg: Any, peers: list[Any]) -> str:
-    import aetcd
     import msgspec
 
     from ..cluster import NodeInfo
+    from ..cluster._etcd import EtcdSecurity, open_client
+
+    security = EtcdSecurity.load(
+        ca_file=cfg.etcd_ca_file,
+        cert_file=cfg.etcd_cert_file,
+        key_file=cfg.etcd_key_file,
+        user=cfg.etcd_user,
+        password_file=cfg.etcd_password_file,
+    )
 
     async def probe() -> list[Any]:
-        host, _, port = cfg.etcd[0].removeprefix("http://").rpartition(":")
-        client = aetcd.Client(host=host, port=int(port), timeout=3)
+        client = open_client(cfg.etcd[0], security)
         try:
             await asyncio.wait_for(client.connect(), 5)
             result = await asyncio.wait_for(
                 client.get_prefix(f"/mows/{cfg.cluster}/nodes/".encode()), 5
             )
-            return [msgspec.msgpack.decode(kv.value, type=NodeInfo) for kv in result]
+            nodes = []
+            for kv in result:  # a malformed record is skipped, not a crash of the doctor
+                try:
+                    nodes.append(msgspec.msgpack.decode(kv.value, type=NodeInfo))
+                except msgspec.DecodeError:
+                    continue
+            return nodes
         finally:
             await client.close()
 
@@ -130,7 +143,7 @@ def _peer(cfg: Any, node: Any) -> str:
 
     client = TcpPeerClient(node="mows-doctor", secret=cfg.cluster_secret(), timeout=5)
     try:
-        client.fetch(node.address, "doctor", "probe", 0, memoryview(bytearray(1)), None)
+        client.fetch(node.address, "doctor", "probe", 0, memoryview(bytearray(1)), None, node.id)
     except PeerError as e:
         if "not held" in e.reason:  # authenticated and answering: that is all we asked
             return "reachable, secret accepted"

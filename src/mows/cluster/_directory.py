@@ -12,6 +12,13 @@ Ownership is computed, never stored.
 
 When etcd is unreachable the view turns unhealthy: loads fall back to origin and local
 clients are served as before; a background task reconnects, re-registers and republishes.
+
+etcd is an untrusted input: whoever can write under the prefix must not crash a node, make it
+allocate without bound or capture placement. Every record is size-checked before it is
+decoded and validated after (a node's id must match its key, its address must be HOST:PORT,
+a holding must describe the model as this node's own manifest does); holdings of models this
+node has not joined are not decoded at all. A bad record is ignored, counted in
+``rejected_records`` and logged once per key; it also withdraws what its key said before.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -26,9 +34,10 @@ from typing import Any
 
 import msgspec
 
-from .._errors import ProtocolError
+from .._errors import ConfigError, ProtocolError
 from ..manifest import Manifest
 from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
+from ._etcd import EtcdSecurity, open_client, parse_endpoint
 from ._placement import owner
 
 __all__ = ["Cluster", "Holding", "NodeInfo"]
@@ -57,6 +66,33 @@ _enc = msgspec.msgpack.Encoder()
 _dec_node = msgspec.msgpack.Decoder(NodeInfo)
 _dec_holding = msgspec.msgpack.Decoder(Holding)
 
+MAX_NODE_RECORD = 4 << 10  # a NodeInfo is ~100 bytes
+# A holding is two zlib streams of at most MAX_CHUNKS/8 and 4 bytes a chunk; CRCs of random
+# data do not compress: 8 MiB holds 2M chunks (128 TiB of 64 MiB chunks).
+MAX_HOLDING_RECORD = 8 << 20
+# Placement weight cap, as a multiple of this node's capacity: nodes of different sizes
+# exist, but one record claiming a huge capacity must not make its node own every chunk.
+MAX_WEIGHT_RATIO = 4
+_ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+_LOGGED_KEYS = 1024  # rejects are logged once per key, for at most this many keys
+
+
+def check_node(info: NodeInfo, node: str) -> None:
+    """Raise ProtocolError unless ``info`` is a sane record for the key ``nodes/<node>``."""
+    if info.id != node:
+        raise ProtocolError(f"record of node {info.id!r} under another node's key")
+    m = _ADDRESS.fullmatch(info.address)
+    if m is None or not 0 < int(m.group(1)) < 65536:
+        raise ProtocolError(f"address {info.address[:100]!r} is not HOST:PORT")
+    sizes = (info.capacity, info.used, info.bytes_from_origin, info.bytes_from_peers)
+    if min(*sizes, info.bytes_served) < 0:
+        raise ProtocolError("negative size")
+
+
+def placement_weight(capacity: int, own_capacity: int) -> float:
+    """A peer's rendezvous weight: its published capacity, within [0, 4 x ours]."""
+    return float(min(max(capacity, 0), MAX_WEIGHT_RATIO * max(own_capacity, 0)))
+
 
 class _Model:
     """What this node knows of one model: its own chunks and every live node's."""
@@ -65,6 +101,9 @@ class _Model:
         self.chunks = chunks
         self.mine: dict[int, int] = {}  # chunk -> crc
         self.others: dict[str, tuple[set[int], list[int]]] = {}  # node -> (held, crcs)
+        # node -> etcd mod_revision of the last record (or deletion) applied: a re-read of the
+        # model's holdings racing the watch must not bring back an older record.
+        self.revs: dict[str, int] = {}
 
 
 class Cluster:
@@ -76,7 +115,29 @@ class Cluster:
         *,
         ttl: int = 5,
         publish_interval: float = 0.2,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        user: str = "",
+        password_file: str = "",
     ) -> None:
+        """The ``*_file`` settings are read here: an unreadable one is a ConfigError."""
+        self.security = EtcdSecurity.load(
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            user=user,
+            password_file=password_file,
+        )
+        for endpoint in endpoints:
+            _, _, tls = parse_endpoint(endpoint)
+            if self.security.tls_settings and not tls:
+                raise ConfigError(
+                    f"etcd: {endpoint} is plaintext but etcd_ca_file/etcd_cert_file are set:"
+                    " use https://"
+                )
+            if self.security.user and not tls:
+                log.warning("etcd %s: the etcd password crosses the network in clear", endpoint)
         self.endpoints = endpoints
         self.name = name
         self.prefix = f"/mows/{name}/".encode()
@@ -86,12 +147,17 @@ class Cluster:
         self.publish_interval = publish_interval
         self.healthy = False
         self.etcd_errors = 0
+        self.last_error = ""  # why etcd last failed us; empty while connected
+        self.rejected_records = 0
+        self._logged: set[bytes] = set()
         self.nodes: dict[str, NodeInfo] = {}
         self.models: dict[str, _Model] = {}
         self._dirty: set[str] = set()
         self._manifests_pending: dict[str, bytes] = {}  # fingerprint -> compressed manifest
         self._manifests_published: set[str] = set()
         self._changed = asyncio.Event()
+        self._unread: set[str] = set()  # joined models whose holdings are still to be read
+        self._wake_reader = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
         self._lease: Any = None
@@ -125,14 +191,11 @@ class Cluster:
 
     async def _run(self) -> None:
         """Connect, register, follow the directory; on any etcd failure, retry."""
-        import aetcd
-
         delay = 0.5
         while True:
             endpoint = self.endpoints[self.etcd_errors % len(self.endpoints)]
-            host, _, port = endpoint.removeprefix("http://").rpartition(":")
             try:
-                self._client = aetcd.Client(host=host, port=int(port), timeout=3)
+                self._client = open_client(endpoint, self.security)
                 await self._client.connect()
                 self._lease = await self._client.lease(self.ttl)
                 await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
@@ -140,16 +203,17 @@ class Cluster:
                 await self._publish_dirty()
                 revision = await self._load_snapshot()
                 self._set_healthy(True)
+                self.last_error = ""
                 delay = 0.5
                 await self._follow(revision)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # aetcd/grpc errors of every kind: translate to "unhealthy"
                 self.etcd_errors += 1
-                if self.healthy:
-                    log.warning(
-                        "etcd %s failed (%s): serving locally, loads use origin", endpoint, e
-                    )
+                error = f"{endpoint}: {type(e).__name__}: {e}"
+                if self.healthy or error != self.last_error:  # a lasting failure, logged once
+                    log.warning("etcd %s: serving locally, loads use origin", error)
+                self.last_error = error
                 self._set_healthy(False)
                 await self._drop_client()
                 self._lease = None
@@ -170,35 +234,58 @@ class Cluster:
         await self._client.put(self.prefix + key.encode(), value, lease=self._lease)
 
     async def _load_snapshot(self) -> int:
-        result = await self._client.get_prefix(self.prefix)
+        """Read the members, then the holdings of the models we joined (never the whole
+        prefix: manifests accumulate there). The watch starts at the members' revision, so
+        what changed during the later reads is replayed; per-key revisions keep the newest."""
+        result = await self._client.get_prefix(self.prefix + b"nodes/")
         self.nodes.clear()
         for m in self.models.values():
             m.others.clear()
+            m.revs.clear()
         for kv in result:
-            self._apply(kv.key, kv.value, deleted=False)
+            self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+        self._unread.clear()
+        for fp in list(self.models):
+            await self._read_holdings(fp)
         return int(result.header.revision)
+
+    async def _read_holdings(self, fp: str) -> None:
+        result = await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
+        for kv in result:
+            self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+
+    async def _reader(self) -> None:
+        """Read the holdings of each model joined since the snapshot: they are decoded only
+        for joined models, so those published before the join are fetched now."""
+        while True:
+            await self._wake_reader.wait()
+            self._wake_reader.clear()
+            while self._unread:
+                await self._read_holdings(self._unread.pop())
 
     async def _follow(self, revision: int) -> None:
         watch = await self._client.watch_prefix(self.prefix, start_revision=revision + 1)
         keepalive = asyncio.ensure_future(self._keepalive())
         publisher = asyncio.ensure_future(self._publisher())
+        reader = asyncio.ensure_future(self._reader())
         try:
             events = asyncio.ensure_future(self._consume(watch))
             done, _ = await asyncio.wait(
-                {keepalive, publisher, events}, return_when=asyncio.FIRST_COMPLETED
+                {keepalive, publisher, reader, events}, return_when=asyncio.FIRST_COMPLETED
             )
             for t in done:
                 t.result()  # re-raise the failure that ended the session
             raise ConnectionError("etcd watch ended")
         finally:
-            for t in (keepalive, publisher):
+            for t in (keepalive, publisher, reader):
                 t.cancel()
             with contextlib.suppress(Exception):
                 await watch.cancel()
 
     async def _consume(self, watch: Any) -> None:
         async for ev in watch:
-            self._apply(ev.kv.key, ev.kv.value, deleted=str(ev.kind).endswith("DELETE"))
+            deleted = str(ev.kind).endswith("DELETE")
+            self._apply(ev.kv.key, ev.kv.value, ev.kv.mod_revision, deleted=deleted)
 
     async def _keepalive(self) -> None:
         while True:
@@ -237,35 +324,60 @@ class Cluster:
                 self._dirty.add(fp)
                 raise
 
-    def _apply(self, key: bytes, value: bytes, *, deleted: bool) -> None:
-        parts = key[len(self.prefix) :].decode(errors="replace").split("/")
+    def _apply(self, key: bytes, value: bytes, revision: int, *, deleted: bool) -> None:
         try:
-            if parts[0] == "nodes" and len(parts) == 2:
-                if deleted:
-                    self.nodes.pop(parts[1], None)
-                    for m in self.models.values():
-                        m.others.pop(parts[1], None)
-                else:
-                    self.nodes[parts[1]] = _dec_node.decode(value)
-            elif parts[0] == "holdings" and len(parts) == 3:
-                fp, node = parts[1], parts[2]
-                if node == self.node_id:
-                    return
-                if deleted:
-                    if fp in self.models:
-                        self.models[fp].others.pop(node, None)
-                    return
-                rec = _dec_holding.decode(value)
-                m = self.models.setdefault(fp, _Model(rec.chunks))
-                if rec.chunks != m.chunks:
-                    raise ProtocolError(f"{rec.chunks} chunks, expected {m.chunks}")
-                m.others[node] = (
-                    decode_bitmap(rec.held, rec.chunks),
-                    decode_crcs(rec.crcs, rec.chunks),
-                )
-        except (msgspec.DecodeError, ProtocolError) as e:
-            log.warning("ignoring malformed directory entry %r: %s", key, e)
+            parts = key[len(self.prefix) :].decode().split("/")
+            if parts[0] == "nodes":
+                self._apply_node(parts, value, deleted)
+            elif parts[0] == "holdings":
+                self._apply_holding(parts, value, revision, deleted)
+        except (UnicodeDecodeError, msgspec.DecodeError, ProtocolError) as e:
+            self._reject(key, str(e))
         self._notify()
+
+    def _apply_node(self, parts: list[str], value: bytes, deleted: bool) -> None:
+        if len(parts) != 2 or not parts[1]:
+            raise ProtocolError("not nodes/<node>")
+        node = parts[1]
+        self.nodes.pop(node, None)  # deleted, or replaced: a bad record withdraws the old one
+        if deleted:
+            for m in self.models.values():
+                m.others.pop(node, None)
+            return
+        if len(value) > MAX_NODE_RECORD:
+            raise ProtocolError(f"{len(value)} bytes, more than {MAX_NODE_RECORD}")
+        info = _dec_node.decode(value)
+        check_node(info, node)
+        self.nodes[node] = info
+
+    def _apply_holding(self, parts: list[str], value: bytes, revision: int, deleted: bool) -> None:
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise ProtocolError("not holdings/<model>/<node>")
+        fp, node = parts[1], parts[2]
+        m = self.models.get(fp)
+        if m is None or node == self.node_id:
+            return  # not a model we joined (nothing to check it against), or our own
+        if revision < m.revs.get(node, 0):
+            return  # older than what we applied: a re-read that raced the watch
+        m.revs[node] = revision
+        m.others.pop(node, None)
+        if deleted:
+            return
+        if len(value) > MAX_HOLDING_RECORD:
+            raise ProtocolError(f"{len(value)} bytes, more than {MAX_HOLDING_RECORD}")
+        rec = _dec_holding.decode(value)
+        if rec.node != node:
+            raise ProtocolError(f"holding of node {rec.node!r} under another node's key")
+        if rec.chunks != m.chunks:  # our own manifest says how many: the bound of the decode
+            raise ProtocolError(f"{rec.chunks} chunks, the model has {m.chunks}")
+        m.others[node] = (decode_bitmap(rec.held, m.chunks), decode_crcs(rec.crcs, m.chunks))
+
+    def _reject(self, key: bytes, why: str) -> None:
+        self.rejected_records += 1
+        short = key[len(self.prefix) : len(self.prefix) + 200]
+        if short not in self._logged and len(self._logged) < _LOGGED_KEYS:
+            self._logged.add(short)
+            log.warning("ignoring directory record %r: %s (logged once per key)", short, why)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -278,6 +390,9 @@ class Cluster:
         existing = self.models.get(fp)
         if existing is None or existing.chunks != chunks:
             self.models[fp] = _Model(chunks)
+            # Holdings are decoded only for joined models: read those published already.
+            self._unread.add(fp)
+            self._wake_reader.set()
         if manifest is not None and fp not in self._manifests_published:
             self._manifests_pending[fp] = zlib.compress(_enc.encode(manifest), 6)
         self._dirty.add(fp)
@@ -325,8 +440,13 @@ class Cluster:
         m = self.models.get(fp)
         if not self.healthy or m is None:
             return self.node_id
-        members = [(self.node_id, float(self._node_info().capacity))]
-        members += [(nid, float(self.nodes[nid].capacity)) for nid in m.others if nid in self.nodes]
+        own = self._node_info().capacity
+        members = [(self.node_id, float(own))]
+        members += [
+            (nid, placement_weight(self.nodes[nid].capacity, own))
+            for nid in m.others
+            if nid in self.nodes
+        ]
         return owner(key, members) or self.node_id
 
     def address(self, node: str) -> str | None:

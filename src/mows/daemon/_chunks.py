@@ -2,23 +2,43 @@
 
 Chunks of files still filling are served as soon as they are checked, which is what lets a
 cold cluster pipeline: a chunk is forwarded while the origin still sends the next ones.
+
+Each served chunk goes with its BLAKE3 digest. A chunk that came from a peer has it already
+(the receiver checked it), and so does one a cluster node read from the origin (computed in
+the reading worker). Others (adopted after a restart, filled before joining) get it the first
+time a peer asks, from the pool's bytes, re-checked against the chunk's CRC in the same pass:
+a page that rotted in memory is withheld, not vouched for.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
 import threading
 from dataclasses import dataclass, field
 
+from .._crc import crc32
+from .._digest import chunk_digest
 from ..transport import ServedChunk
+
+log = logging.getLogger("mows.daemon")
 
 __all__ = ["ChunkTable"]
 
 
 @dataclass
+class _Chunk:
+    offset: int
+    length: int
+    crc: int
+    digest: bytes | None  # None until a peer first asks (origin fills)
+
+
+@dataclass
 class _Entry:
     fd: int  # our own descriptor of the pool file; survives the partial -> final rename
-    chunks: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # i -> off, len, crc
+    chunks: dict[int, _Chunk] = field(default_factory=dict)
 
 
 class ChunkTable:
@@ -27,6 +47,7 @@ class ChunkTable:
         self._files: dict[tuple[str, str], _Entry] = {}
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}
+        self.rotten = 0  # chunks withheld because their bytes no longer match their CRC
 
     def add_file(self, model: str, path: str, fd: int) -> None:
         """Start serving a pool file; takes a duplicate of ``fd``."""
@@ -38,12 +59,19 @@ class ChunkTable:
             os.close(old.fd)
 
     def add_chunk(
-        self, model: str, path: str, index: int, offset: int, length: int, crc: int
+        self,
+        model: str,
+        path: str,
+        index: int,
+        offset: int,
+        length: int,
+        crc: int,
+        digest: bytes | None = None,
     ) -> None:
         with self._lock:
             entry = self._files.get((model, path))
             if entry is not None:
-                entry.chunks[index] = (offset, length, crc)
+                entry.chunks[index] = _Chunk(offset, length, crc, digest)
 
     def remove_file(self, model: str, path: str) -> None:
         with self._lock:
@@ -60,8 +88,23 @@ class ChunkTable:
             entry = self._files.get((model, path))
             if entry is None or index not in entry.chunks:
                 return None
-            offset, length, crc = entry.chunks[index]
-            return ServedChunk(os.dup(entry.fd), offset, length, crc)
+            c = entry.chunks[index]
+            fd = os.dup(entry.fd)
+        if c.digest is None:  # outside the lock: hashing a chunk takes milliseconds
+            try:
+                c.digest = _digest_checked(fd, c)
+            except BaseException:
+                os.close(fd)
+                raise
+            if c.digest is None:
+                os.close(fd)
+                with self._lock:
+                    self.rotten += 1
+                    if (e := self._files.get((model, path))) is not None:
+                        e.chunks.pop(index, None)
+                log.error("%s chunk %d no longer matches its CRC: withheld from peers", path, index)
+                return None
+        return ServedChunk(fd, c.offset, c.length, c.crc, c.digest)
 
     def served(self, peer: str, nbytes: int) -> None:
         with self._lock:
@@ -74,3 +117,16 @@ class ChunkTable:
             self._files.clear()
         for e in entries:
             os.close(e.fd)
+
+
+def _digest_checked(fd: int, c: _Chunk) -> bytes | None:
+    """The chunk's digest from the pool bytes, or None if they fail the chunk's CRC."""
+    start = c.offset - c.offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, c.offset + c.length - start, prot=mmap.PROT_READ, offset=start) as m:
+        view = memoryview(m)[c.offset - start :]
+        try:
+            if crc32(view) != c.crc:
+                return None
+            return chunk_digest(view)
+        finally:
+            view.release()

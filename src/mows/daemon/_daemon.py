@@ -30,7 +30,7 @@ from ..sources import Source, open_source
 from ._api import LocalApi
 from ._chunks import ChunkTable
 from ._fetcher import ChunkFetcher, Counters
-from ._fill import crc_of_pool_file
+from ._fill import verify_pool_file
 from ._loads import LoadService, Opened
 from ._metrics import Metrics
 from ._peering import Peering
@@ -69,7 +69,7 @@ class Daemon:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         adopted = await self._loop.run_in_executor(
-            self.fetcher.executor, self.pool.adopt, crc_of_pool_file
+            self.fetcher.executor, self.pool.adopt, verify_pool_file
         )
         if adopted:
             log.info("adopted %d verified bytes from a previous run", adopted)

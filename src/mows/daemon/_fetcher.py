@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from .._config import DaemonConfig
+from .._digest import chunk_digest
 from .._errors import PeerError
 from ..manifest import Chunk
 from ..pool import Version
 from ..sources import Source
+from ..transport import Received
 from ._fill import FileFill, fetch_chunk
 from ._metrics import Metrics
 from ._peering import Peering
@@ -32,8 +35,11 @@ __all__ = ["ChunkFetcher", "Counters", "FillTarget"]
 
 log = logging.getLogger("mows.daemon")
 
+T = TypeVar("T")
+
 BREAKER_BASE = 1.0  # seconds a failed peer is skipped, doubled per failure in a row
 BREAKER_MAX = 30.0
+QUARANTINE = 300.0  # seconds a peer that sent bytes failing their checks is skipped
 
 
 @dataclass
@@ -60,7 +66,7 @@ class FillTarget:
     source: Source
     version: Version
     fill: FileFill
-    running: set[concurrent.futures.Future[int]] = field(default_factory=set)
+    running: set[concurrent.futures.Future[Any]] = field(default_factory=set)
     from_origin: int = 0  # bytes this fill got from the origin
     from_peers: int = 0
 
@@ -113,22 +119,25 @@ class ChunkFetcher:
         """One chunk into the target's mapping; returns its CRC-32 (checked against the
         holder's for peer bytes). ``wait_for_owner``: on a cold cluster, wait for the node
         that owns the chunk to fetch it rather than reading the origin ourselves."""
-        crc = await self._from_peers(target, chunk, wait_for_owner)
-        if crc is None:
+        got = await self._from_peers(target, chunk, wait_for_owner)
+        peering = self.peering is not None
+        if got is None:
             started = time.perf_counter()
-            crc = await self._in_worker(
-                target, self._origin, fetch_chunk, target.source, target.fill, chunk
+            crc, digest = await self._in_worker(
+                target, self._origin, _from_origin, target.source, target.fill, chunk, peering
             )
             self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
             self.counters.bytes_from_origin += chunk.length
             target.from_origin += chunk.length
+        else:
+            crc, digest = got.crc, got.digest
         if self.peering is not None:
-            self.peering.held(target.version, chunk, crc)
+            self.peering.held(target.version, chunk, crc, digest)
         return crc
 
     async def _from_peers(
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
-    ) -> int | None:
+    ) -> Received | None:
         peering = self.peering
         if peering is None:
             return None
@@ -149,9 +158,9 @@ class ChunkFetcher:
                 if address is None:
                     self._trip(node)
                     continue
-                crc = await self._from_peer(target, chunk, node, address, holders[node])
-                if crc is not None:
-                    return crc
+                got = await self._from_peer(target, chunk, node, address, holders[node])
+                if got is not None:
+                    return got
                 continue
             if not wait_for_owner:
                 return None
@@ -167,20 +176,37 @@ class ChunkFetcher:
 
     async def _from_peer(
         self, target: FillTarget, chunk: Chunk, node: str, address: str, want: int
-    ) -> int | None:
+    ) -> Received | None:
         assert self.peering is not None
         self._inflight[node] = self._inflight.get(node, 0) + 1
         started = time.perf_counter()
         try:
-            crc = await self._in_worker(
-                target, self._peers, _fetch_from_peer, self.peering, address, target, chunk, want
+            got = await self._in_worker(
+                target,
+                self._peers,
+                _fetch_from_peer,
+                self.peering,
+                address,
+                node,
+                target,
+                chunk,
+                want,
             )
         except PeerError as e:
-            self._trip(node)
+            self._trip(node, quarantine=e.corrupt)
             self.counters.peer_failures += 1
             if e.corrupt:
                 self.counters.corrupt_from_peers += 1
-            log.warning("%s; retrying %s chunk %d elsewhere", e, chunk.path, chunk.index)
+                log.error(
+                    "%s; peer %s quarantined for %.0fs, %s chunk %d fetched elsewhere",
+                    e,
+                    node,
+                    QUARANTINE,
+                    chunk.path,
+                    chunk.index,
+                )
+            else:
+                log.warning("%s; retrying %s chunk %d elsewhere", e, chunk.path, chunk.index)
             return None
         finally:
             self._inflight[node] -= 1
@@ -188,24 +214,25 @@ class ChunkFetcher:
         self.metrics.fetch_seconds.labels("peers").observe(time.perf_counter() - started)
         self.counters.bytes_from_peers += chunk.length
         target.from_peers += chunk.length
-        return crc
+        return got
 
     def _closed(self, node: str, now: float) -> bool:
         b = self._breakers.get(node)
         return b is None or b.open_until <= now
 
-    def _trip(self, node: str) -> None:
+    def _trip(self, node: str, quarantine: bool = False) -> None:
         b = self._breakers.setdefault(node, _Breaker())
         b.failures += 1
-        b.open_until = time.monotonic() + min(BREAKER_MAX, BREAKER_BASE * 2 ** (b.failures - 1))
+        wait = min(BREAKER_MAX, BREAKER_BASE * 2 ** (b.failures - 1))
+        b.open_until = time.monotonic() + (QUARANTINE if quarantine else wait)
 
     async def _in_worker(
         self,
         target: FillTarget,
         pool: ThreadPoolExecutor,
-        fn: Callable[..., int],
+        fn: Callable[..., T],
         *args: object,
-    ) -> int:
+    ) -> T:
         """Run a blocking read in a worker, tracked so a failed fill can wait for it."""
         cf = pool.submit(fn, *args)
         target.running.add(cf)
@@ -215,11 +242,28 @@ class ChunkFetcher:
             target.running.discard(cf)
 
 
+def _from_origin(
+    source: Source, fill: FileFill, chunk: Chunk, digest: bool
+) -> tuple[int, bytes | None]:
+    """An origin read; in a cluster also the chunk's digest, while its pages are hot in this
+    worker (peers will ask for it, and a lazy digest would delay the first one's transfer)."""
+    crc = fetch_chunk(source, fill, chunk)
+    if not digest:
+        return crc, None
+    view = fill.chunk_view(chunk)
+    try:
+        return crc, chunk_digest(view)
+    finally:
+        view.release()
+
+
 def _fetch_from_peer(
-    peering: Peering, address: str, target: FillTarget, chunk: Chunk, crc: int
-) -> int:
+    peering: Peering, address: str, node: str, target: FillTarget, chunk: Chunk, crc: int
+) -> Received:
     view = target.fill.chunk_view(chunk)
     try:
-        return peering.client.fetch(address, target.version.id, chunk.path, chunk.index, view, crc)
+        return peering.client.fetch(
+            address, target.version.id, chunk.path, chunk.index, view, crc, node
+        )
     finally:
         view.release()

@@ -1,6 +1,6 @@
 """The load service: which version a location holds, admission to the pool, shared fills.
 
-An open resolves its location to a version (a warm open revalidates with one cheap request:
+An open resolves its location to a version (a warm open revalidates with one cheap request,
 the crc32 file; if the origin cannot be reached it opens the cached version and says so),
 waits its turn for pool space in a fair queue, and pins the files it needs in the same step
 that reserves them. Each missing pool file is filled by one task, shared by every open that
@@ -31,11 +31,12 @@ from .._errors import (
     SourceError,
     SourceNotFoundError,
 )
-from ..manifest import MAX_CRC32_FILE_BYTES, Manifest, build_manifest
+from ..manifest import MAX_CRC32_FILE_BYTES, MAX_SHA256_FILE_BYTES, Manifest, build_manifest
 from ..pool import FileState, Pool, PoolFile, Version, index_file
 from ..sources import Source
+from ..sources._local import LocalSource
 from ._fetcher import ChunkFetcher, Counters, FillTarget
-from ._fill import FileFill, check_file
+from ._fill import DigestFollower, FileFill, check_digest, check_file
 from ._peering import Peering
 
 __all__ = ["LoadService", "Opened", "check_origin"]
@@ -69,7 +70,7 @@ class _FillStats:
 @dataclass
 class _Location:
     version: Version | None = None
-    digest: str = ""  # sha256 of the crc32 file when last checked
+    digest: str = ""  # of the crc32 and sha256 files when last checked (see check_origin)
     origin_error: str | None = None
     checks: int = 0  # origin revalidations
     checked_at: float = -1e9  # monotonic time of the last answer from the origin
@@ -99,6 +100,8 @@ class LoadService:
         self.prefetch_writes: dict[PoolFile, asyncio.Task[None]] = {}  # set by the prefetcher
         # Revalidation and header parsing: never queued behind a big load's chunk reads.
         self._meta = ThreadPoolExecutor(2, thread_name_prefix="mows-meta")
+        # SHA-256 of files being filled: one sequential stream per file, as many as readers.
+        self.digest_executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-sha")
         self.foreground = 0  # opens in progress: prefetch pauses while there are any
         self.idle = asyncio.Event()
         self.idle.set()
@@ -369,6 +372,7 @@ class LoadService:
         f.filled_bytes = stats.reused
         tasks: list[asyncio.Task[int]] = []
         target: FillTarget | None = None
+        follower: DigestFollower | None = None
         try:
             source = self.source(location)
             if f.entry.crc32 is None:  # no content identity: it must still be the same file
@@ -387,6 +391,10 @@ class LoadService:
                 # about once. A warm cluster (someone holds chunks already) needs no wait.
                 if cluster.healthy and not cluster.anyone_holds(v.id):
                     await asyncio.sleep(cluster.publish_interval * 3)
+            if f.entry.sha256 is not None:
+                follower = DigestFollower(
+                    target.fill, f.chunks(), crcs, self.digest_executor, target.running
+                )
             tasks = [
                 asyncio.ensure_future(self.fetcher.obtain(target, c, wait_for_owner=True))
                 for c in chunks
@@ -394,9 +402,14 @@ class LoadService:
             for c, t in zip(chunks, tasks, strict=True):
                 crcs[c.index] = await t
                 f.filled_bytes += c.length
+                if follower is not None:
+                    follower.landed(c.index)
             stats.from_origin, stats.from_peers = target.from_origin, target.from_peers
+            source_name = "origin" if not stats.from_peers else "the cluster"
             try:
-                actual = check_file(f, crcs, "origin" if not stats.from_peers else "the cluster")
+                actual = check_file(f, crcs, source_name)
+                if follower is not None:  # not READY, never served, until the digest matches
+                    check_digest(f, await follower.digest(), source_name)
             except IntegrityError:
                 self.counters.integrity_failures += 1
                 raise
@@ -411,9 +424,13 @@ class LoadService:
         except BaseException:
             for t in tasks:
                 t.cancel()
+            if follower is not None:
+                follower.cancel()
             if target is not None:
-                await target.drain()  # reads still running write into the mapping
+                await target.drain()  # reads and hashes still running use the mapping
             await asyncio.gather(*tasks, return_exceptions=True)
+            if follower is not None:
+                await follower.wait()
             self.pool.discard(f)
             raise
         finally:
@@ -443,6 +460,7 @@ class LoadService:
             t.cancel()
         await asyncio.gather(*self._fills.values(), return_exceptions=True)
         self._meta.shutdown(wait=False, cancel_futures=True)
+        self.digest_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _has_ready(v: Version) -> bool:
@@ -452,31 +470,48 @@ def _has_ready(v: Version) -> bool:
 def check_origin(
     source: Source, known: Manifest | None, digest: str, config: DaemonConfig
 ) -> tuple[Manifest | None, str]:
-    """Ask the origin whether ``known`` is still what it holds: one read of the crc32 file
-    when its digest still matches (and a stat per file it does not list). Returns (None,
-    digest) if unchanged, else the new manifest (tensor indexes are parsed later, from the
-    verified pool bytes) and the digest of exactly the crc32 bytes it was built from. Runs
-    in a worker thread."""
+    """Ask the origin whether ``known`` is still what it holds: ONE read of the crc32 file
+    when its digest still matches (and a stat per file the crc32 file does not list). Only
+    when it changed (or on a cold open) is the sha256 file read too: weights whose CRCs did
+    not change were verified already, so a warm open costs one request; a digest file added
+    beside unchanged weights takes effect with the next crc32.txt change or cold open.
+    Returns (None, digest) if unchanged, else the new manifest (tensor indexes are parsed
+    later, from the verified pool bytes) and the digest of exactly the bytes it was built
+    from. Runs in a worker thread."""
     crc_rel = (known.crc32_file if known is not None else None) or config.crc32_file
-    try:
-        blob: bytes | None = source.read_file(crc_rel, MAX_CRC32_FILE_BYTES)
-    except SourceNotFoundError:
-        blob = None
-    new_digest = hashlib.sha256(blob).hexdigest() if blob is not None else ""
-    unchanged = known is not None and blob is not None and new_digest == digest
+    blob = _read_optional(source, crc_rel, MAX_CRC32_FILE_BYTES)
+    crc_digest = hashlib.sha256(blob).hexdigest() if blob is not None else ""
+    unchanged = known is not None and blob is not None and crc_digest == digest.split("+")[0]
     if unchanged and _unlisted_unchanged(source, known):  # type: ignore[arg-type]
         return None, digest
+    sha_rel = config.sha256_file
+    sha_blob = _read_optional(source, sha_rel, MAX_SHA256_FILE_BYTES)
+    new_digest = crc_digest
+    if blob is not None and sha_blob is not None:
+        new_digest += "+" + hashlib.sha256(sha_blob).hexdigest()
     manifest = build_manifest(
         source,
         chunk_size=config.chunk_size,
         crc32_file=config.crc32_file,
         index_tensors=False,
         crc32_data=blob if crc_rel == config.crc32_file else None,
+        sha256_file=sha_rel if sha_blob is not None else None,
+        sha256_data=sha_blob,
+        local_root=source.root if isinstance(source, LocalSource) else None,
     )
     if not manifest.files:
         # An empty directory (a mount that came back empty) is not a new, empty model.
         raise SourceError(source.url, "", "the model directory holds no files")
     return manifest, new_digest if manifest.crc32_file else ""
+
+
+def _read_optional(source: Source, rel: str, limit: int) -> bytes | None:
+    if not rel:
+        return None
+    try:
+        return source.read_file(rel, limit)
+    except SourceNotFoundError:
+        return None
 
 
 def _unlisted_unchanged(source: Source, known: Manifest) -> bool:

@@ -97,11 +97,12 @@ class _StatusCollector(Collector):
             yield CounterMetricFamily(name, doc, value=st[key])
         integrity = CounterMetricFamily(
             "mows_integrity_failures",
-            "Data that failed its CRC-32 check, by source.",
+            "Data that failed its checks, by source (pool: held bytes that rotted in memory).",
             labels=["source"],
         )
         integrity.add_metric(["origin"], st["integrity_failures"])
         integrity.add_metric(["peers"], st["corrupt_chunks_from_peers"])
+        integrity.add_metric(["pool"], st["rotten_chunks_withheld"])
         yield integrity
         cluster = st.get("cluster") or {}
         yield GaugeMetricFamily(
@@ -118,6 +119,11 @@ class _StatusCollector(Collector):
             "mows_etcd_errors",
             "etcd failures (each starts a reconnect).",
             value=cluster.get("etcd_errors", 0),
+        )
+        yield CounterMetricFamily(
+            "mows_directory_rejected",
+            "Malformed or forged cluster directory records ignored.",
+            value=cluster.get("directory_rejected", 0),
         )
         loading = GaugeMetricFamily(
             "mows_load_progress_bytes",

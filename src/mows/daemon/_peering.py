@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._config import DaemonConfig
+from .._errors import ConfigError
 from ..cluster import Cluster, NodeInfo
 from ..manifest import Chunk
 from ..pool import FileState, PoolFile, Version
@@ -31,8 +32,11 @@ class Peering:
         server_cls, client_cls = _transport(config.nic)
         # The node id is the advertised address unless set, and the address is known only
         # once the server listens: name the server after the fact.
+        encrypt = config.peer_encryption
+        if encrypt:
+            _need_cryptography()
         self.server: PeerServer = server_cls(
-            config.listen, chunks, node=config.node_id or "?", secret=secret
+            config.listen, chunks, node=config.node_id or "?", secret=secret, encrypt=encrypt
         )
         host, _, port = self.server.address.rpartition(":")
         self.advertise = config.advertise or (
@@ -45,6 +49,7 @@ class Peering:
             secret=secret,
             connections=config.peer_connections,
             timeout=config.peer_timeout,
+            encrypt=encrypt,
         )
         self.chunks = chunks
         self.cluster = Cluster(
@@ -52,6 +57,11 @@ class Peering:
             config.cluster,
             lambda: node_info(self.node_id, self.advertise),
             ttl=config.lease_ttl,
+            ca_file=config.etcd_ca_file,
+            cert_file=config.etcd_cert_file,
+            key_file=config.etcd_key_file,
+            user=config.etcd_user,
+            password_file=config.etcd_password_file,
         )
 
     async def start(self, endpoints: str) -> None:
@@ -93,11 +103,14 @@ class Peering:
                 if c.index in f.chunk_crcs:
                     self.held(v, c, f.chunk_crcs[c.index])
 
-    def held(self, version: Version, chunk: Chunk, crc: int) -> None:
-        """A chunk arrived and passed its CRC: peers may fetch it now (pipelining)."""
+    def held(self, version: Version, chunk: Chunk, crc: int, digest: bytes | None = None) -> None:
+        """A chunk arrived and passed its checks: peers may fetch it now (pipelining).
+        ``digest``: its BLAKE3 when a peer's transfer proved it (else computed on demand)."""
         if version.id not in self.cluster.models:  # e.g. opened stale: never revalidated
             self.cluster.join(version.id, version.total_chunks, version.manifest)
-        self.chunks.add_chunk(version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc)
+        self.chunks.add_chunk(
+            version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc, digest
+        )
         self.cluster.mark_held(version.id, version.chunk_range(chunk.path)[chunk.index], crc)
 
     def file_removed(self, f: PoolFile) -> None:
@@ -110,6 +123,15 @@ class Peering:
             return True
         r = f.version.chunk_range(f.rel)
         return self.cluster.min_copies(f.version.id, r.start, r.stop) <= 1
+
+
+def _need_cryptography() -> None:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "peer_encryption needs cryptography: pip install 'mows[crypto]'"
+        ) from None
 
 
 def _transport(nic: str) -> tuple[Any, Any]:

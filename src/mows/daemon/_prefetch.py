@@ -19,7 +19,7 @@ from .._errors import ConfigError, IntegrityError, ManifestError
 from ..manifest import Chunk, FileEntry
 from ..pool import FileState, Pool, PoolFile, Version, index_file
 from ._fetcher import ChunkFetcher, Counters, FillTarget
-from ._fill import FileFill, check_file
+from ._fill import FileFill, check_digest, check_file, sha256_of_file
 from ._loads import LoadService
 from ._peering import Peering
 
@@ -193,12 +193,20 @@ class Prefetcher:
             self.pool.unpin([f], transient=True)
 
     async def _complete(self, f: PoolFile) -> None:
+        loop = asyncio.get_running_loop()
         try:
             actual = check_file(f, f.chunk_crcs, "prefetch")
-            index = await asyncio.get_running_loop().run_in_executor(
-                self.fetcher.executor, index_file, f
-            )
+            if f.entry.sha256 is not None:
+                # Chunks came one by one, in any order, over minutes: one pass at the end
+                # (background work; a load hashes while it fills instead).
+                digest = await loop.run_in_executor(
+                    self.loads.digest_executor, sha256_of_file, f.partial_path
+                )
+                check_digest(f, digest, "prefetch")
+            index = await loop.run_in_executor(self.fetcher.executor, index_file, f)
         except (IntegrityError, ManifestError, OSError) as e:
+            if f.state is not FileState.PARTIAL:
+                return  # a load took the file over meanwhile: its own checks decide
             if isinstance(e, IntegrityError):
                 self.counters.integrity_failures += 1
             log.error("prefetch: %s/%s: %s: dropped", f.version.manifest.source, f.rel, e)

@@ -43,6 +43,7 @@ def build_status(d: Daemon) -> dict[str, object]:
         "bytes_served_to_peers": d.chunks.bytes_served,
         "peer_failures": c.peer_failures,
         "corrupt_chunks_from_peers": c.corrupt_from_peers,
+        "rotten_chunks_withheld": d.chunks.rotten,
         "models": [_location(d, loc) for loc in d.known_locations()],
         "versions": [_version(d, v) for v in sorted(pool.versions.values(), key=lambda v: v.id)],
         "cluster": _cluster(d),
@@ -131,6 +132,8 @@ def _cluster(d: Daemon) -> dict[str, object] | None:
         "healthy": cl.healthy,
         "etcd": list(cl.endpoints),
         "etcd_errors": cl.etcd_errors,
+        "etcd_last_error": cl.last_error,
+        "directory_rejected": cl.rejected_records,
         "nodes": [
             {
                 "id": n.id,

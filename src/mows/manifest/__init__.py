@@ -1,4 +1,5 @@
-"""Model manifests: file lists, chunk plans, crc32.txt and safetensors headers (pure code)."""
+"""Model manifests: file lists, chunk plans, crc32.txt, sha256 digests and safetensors headers
+(pure code)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from ._safetensors import (
     parse_safetensors_header,
     read_safetensors_index,
 )
+from ._shafile import MAX_SHA256_FILE_BYTES, format_sha256, hf_blob_digest, parse_sha256
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DTYPE_SIZES",
     "MAX_CRC32_FILE_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_SHA256_FILE_BYTES",
     "Chunk",
     "FileEntry",
     "FileStat",
@@ -41,8 +44,11 @@ __all__ = [
     "chunk_count",
     "chunk_plan",
     "format_crc32",
+    "format_sha256",
+    "hf_blob_digest",
     "parse_crc32",
     "parse_safetensors_header",
+    "parse_sha256",
     "read_safetensors_index",
     "version_id",
 ]

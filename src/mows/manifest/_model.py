@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Protocol
 
 import msgspec
 
 from .._errors import Crc32FileError
-from ._crcfile import check_relative_path, parse_crc32
+from ._crcfile import MAX_CRC32_FILE_BYTES, check_relative_path, parse_crc32
 from ._safetensors import SafetensorsIndex, read_safetensors_index
+from ._shafile import MAX_SHA256_FILE_BYTES, hf_blob_digest, parse_sha256
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -51,7 +53,8 @@ class FileEntry(msgspec.Struct, frozen=True):
     mtime_ns: int
     crc32: int | None = None  # from the crc32 file, when it lists this file
     safetensors: SafetensorsIndex | None = None
-    etag: str = ""  # last, with a default: manifests written before it still decode
+    etag: str = ""  # with a default, at the end: manifests written before it still decode
+    sha256: str | None = None  # lower-case hex, from the sha256 file or an HF blob's name
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -62,6 +65,7 @@ class Manifest(msgspec.Struct, frozen=True):
     files: tuple[FileEntry, ...]
     crc32_file: str | None = None  # relative path of the crc32 file used, if any
     unlisted: tuple[str, ...] = ()  # files the crc32 file does not list
+    sha256_file: str | None = None  # relative path of the sha256 file used, if any
 
     @property
     def total_bytes(self) -> int:
@@ -85,10 +89,12 @@ def chunk_count(size: int, chunk_size: int) -> int:
 def version_id(manifest: Manifest) -> str:
     """A model version's identity: what its bytes are, never where or when they were read.
 
-    Names, sizes, crc32.txt values and the chunk plan; no timestamps, so identical content at
-    two locations is one version. A file the crc32 file does not list has no content identity:
-    its ETag (an object store's, which changes with every rewrite) or else its modification
-    time stands in for one, so that an update of it is still a new version.
+    Names, sizes, crc32.txt values, SHA-256 digests and the chunk plan; no timestamps, so
+    identical content at two locations is one version. A file the crc32 file does not list has
+    no content identity: its ETag (an object store's, which changes with every rewrite) or else
+    its modification time stands in for one, so that an update of it is still a new version.
+    A digest is hashed only where there is one, so versions without digests keep their ids
+    (and pools written before digests existed stay valid).
     """
     h = hashlib.sha256(f"mows-version-1\0{manifest.chunk_size}".encode())
     for f in manifest.files:
@@ -96,6 +102,8 @@ def version_id(manifest: Manifest) -> str:
             content = f"{f.crc32:08x}"
         else:
             content = f"etag:{f.etag}" if f.etag else f"mtime:{f.mtime_ns}"
+        if f.sha256 is not None:
+            content += f"\0sha256:{f.sha256}"
         h.update(f"\0{f.path}\0{f.size}\0{content}".encode())
     return h.hexdigest()[:24]
 
@@ -129,48 +137,89 @@ def build_manifest(
     require_crc32_file: bool = False,
     index_tensors: bool = True,
     crc32_data: bytes | None = None,
+    sha256_file: str | None = None,
+    sha256_data: bytes | None = None,
+    local_root: str | None = None,
 ) -> Manifest:
     """Describe the model at ``source``.
 
-    ``crc32_file`` is relative to the model root; a missing file is fine unless
-    ``require_crc32_file``. Entries naming files that do not exist are an error.
+    ``crc32_file`` and ``sha256_file`` are relative to the model root; a missing file is
+    fine unless ``require_crc32_file``. ``*_data`` are the bytes the caller read (and
+    digested) already; else the files are read if listed. Entries naming files that do not
+    exist are an error. ``local_root``: the model's directory when the source is local, where
+    Hugging Face snapshot links give digests to files the sha256 file does not list.
     """
     stats = sorted(source.list_files(), key=lambda s: s.path)
+    present = {s.path for s in stats}
     crcs: dict[str, int] = {}
-    crc_rel: str | None = None
-    if crc32_file:
-        crc_rel = check_relative_path(crc32_file, crc32_file)
-        crc_stat = next((s for s in stats if s.path == crc_rel), None)
-        if crc_stat is None:
-            if require_crc32_file:
-                raise Crc32FileError(f"{source.url}/{crc_rel}", "crc32 file not found")
-            crc_rel = None
-        else:
-            where = f"{source.url}/{crc_rel}"
-            if crc_stat.size > 16 * 1024 * 1024:
-                raise Crc32FileError(where, f"file of {crc_stat.size} bytes is too large")
-            if crc32_data is None:  # else: the bytes the caller read (and digested) already
-                crc32_data = source.read_range(crc_rel, 0, crc_stat.size)
-            crcs = parse_crc32(crc32_data, where)
-            present = {s.path for s in stats}
-            missing = sorted(set(crcs) - present)
-            if missing:
-                raise Crc32FileError(
-                    where,
-                    "lists files that do not exist (or lie outside the model directory): "
-                    + ", ".join(missing[:10])
-                    + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""),
-                )
+    crc_found = _checksum_file(source, stats, crc32_file, MAX_CRC32_FILE_BYTES, crc32_data)
+    if crc_found is None and crc32_file and require_crc32_file:
+        raise Crc32FileError(f"{source.url}/{crc32_file}", "crc32 file not found")
+    if crc_found is not None:
+        where = f"{source.url}/{crc_found[0]}"
+        crcs = parse_crc32(crc_found[1], where)
+        _check_present(crcs, present, where)
+    digests: dict[str, str] = {}
+    sha_found = _checksum_file(source, stats, sha256_file, MAX_SHA256_FILE_BYTES, sha256_data)
+    meta = {r[0] for r in (crc_found, sha_found) if r is not None}
+    if sha_found is not None:
+        where = f"{source.url}/{sha_found[0]}"
+        # `sha256sum * > sha256sums.txt` lists the checksum files too: not model files.
+        digests = {p: d for p, d in parse_sha256(sha_found[1], where).items() if p not in meta}
+        _check_present(digests, present, where)
     files = []
     for s in stats:
-        if s.path == crc_rel:
+        if s.path in meta:
             continue
         index = None
         if index_tensors and s.path.endswith(".safetensors"):
             index = _index(source, s)
-        files.append(FileEntry(s.path, s.size, s.mtime_ns, crcs.get(s.path), index, etag=s.etag))
-    unlisted = tuple(f.path for f in files if f.crc32 is None) if crc_rel else ()
-    return Manifest(source.url, chunk_size, tuple(files), crc_rel, unlisted)
+        digest = digests.get(s.path)
+        if digest is None and local_root is not None:
+            digest = hf_blob_digest(local_root, s.path)
+        files.append(
+            FileEntry(
+                s.path, s.size, s.mtime_ns, crcs.get(s.path), index, etag=s.etag, sha256=digest
+            )
+        )
+    unlisted = tuple(f.path for f in files if f.crc32 is None) if crc_found else ()
+    return Manifest(
+        source.url,
+        chunk_size,
+        tuple(files),
+        crc_found[0] if crc_found else None,
+        unlisted,
+        sha_found[0] if sha_found else None,
+    )
+
+
+def _checksum_file(
+    source: ManifestSource, stats: list[FileStat], rel: str | None, limit: int, data: bytes | None
+) -> tuple[str, bytes] | None:
+    """(path, content) of a checksum file, or None if there is none: ``data`` when the caller
+    read it already, else read if the listing has it."""
+    if not rel:
+        return None
+    rel = check_relative_path(rel, rel)
+    if data is not None:
+        return rel, data
+    stat = next((s for s in stats if s.path == rel), None)
+    if stat is None:
+        return None
+    if stat.size > limit:
+        raise Crc32FileError(f"{source.url}/{rel}", f"file of {stat.size} bytes is too large")
+    return rel, source.read_range(rel, 0, stat.size)
+
+
+def _check_present(listed: Mapping[str, object], present: set[str], where: str) -> None:
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise Crc32FileError(
+            where,
+            "lists files that do not exist (or lie outside the model directory): "
+            + ", ".join(missing[:10])
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""),
+        )
 
 
 def _index(source: ManifestSource, stat: FileStat) -> SafetensorsIndex:

@@ -7,8 +7,9 @@ nodes also hold, then least recently used. Eviction unlinks, and a pinned file i
 evicted, so every page a client maps is a page this pool counts.
 
 A file becomes visible (renamed from ``.partial`` and recorded in its version's metadata) only
-after every chunk passed its CRC and the whole file matched its crc32.txt entry. On start,
-recorded files are re-read against their chunk CRCs and adopted; everything else is removed.
+after every chunk passed its CRC and the whole file matched its crc32.txt entry (and its
+SHA-256 digest, where the version has one). On start, recorded files are re-read against their
+chunk CRCs and digests and adopted; everything else is removed.
 
 Not thread-safe: the daemon calls it from its event loop only.
 """
@@ -39,6 +40,9 @@ VERSION_META = ".mows-version.json"
 LOCATIONS = ".mows-locations.json"
 META_FORMAT = 2
 _VID = re.compile(r"[0-9a-f]{24}")
+
+# (path, chunk size, recorded chunk CRCs, SHA-256 digest or None) -> whether the file matches
+Verify = Callable[[str, int, list[int], str | None], bool]
 
 
 class LocationRecord(msgspec.Struct, frozen=True):
@@ -363,10 +367,11 @@ class Pool:
         live = {loc: r for loc, r in self.locations.items() if r.version in self.versions}
         _write_atomic(os.path.join(self.root, LOCATIONS), msgspec.json.encode(live))
 
-    def adopt(self, verify: Callable[[str, int, list[int]], bool]) -> int:
+    def adopt(self, verify: Verify) -> int:
         """Re-verify and adopt files left by a previous daemon; remove everything else.
 
-        ``verify(path, chunk_size, chunk_crcs)`` re-reads a pool file and says if it matches.
+        ``verify(path, chunk_size, chunk_crcs, sha256)`` re-reads a pool file and says if it
+        matches its chunk CRCs and (unless None) the version's SHA-256 digest of the file.
         Returns the number of bytes adopted.
         """
         try:
@@ -430,7 +435,7 @@ class Pool:
         rel: str,
         path: str,
         info: _FileMeta,
-        verify: Callable[[str, int, list[int]], bool],
+        verify: Verify,
     ) -> bool:
         entry = v.entry(rel)
         chunks = v.chunks(rel)
@@ -447,7 +452,9 @@ class Pool:
             combined = combine_chunks(zip(info.chunk_crcs, (c.length for c in chunks), strict=True))
             if combined != info.crc32 or (entry.crc32 is not None and combined != entry.crc32):
                 return False
-            return verify(path, v.manifest.chunk_size, info.chunk_crcs)
+            # The digest comes from the manifest, which the version id (the directory's name)
+            # binds: dropping it from the metadata makes another version, not a weaker check.
+            return verify(path, v.manifest.chunk_size, info.chunk_crcs, entry.sha256)
         except (OSError, ValueError):
             return False
 

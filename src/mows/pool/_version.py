@@ -31,7 +31,7 @@ def pages(size: int) -> int:
 class FileState(Enum):
     PARTIAL = "partial"  # some chunks, prefetched: served to peers, never to clients
     FILLING = "filling"  # reserved whole, chunks arriving for a load
-    READY = "ready"  # every chunk checked and the whole file equal to its crc32.txt entry
+    READY = "ready"  # every chunk checked, the whole file equal to its crc32.txt entry and digest
 
 
 @dataclass(eq=False)

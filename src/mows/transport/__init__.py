@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
+from ._base import ChunkStore, PeerClient, PeerServer, Received, ServedChunk
 from ._tcp import TcpPeerClient, TcpPeerServer, split_address
 
 __all__ = [
     "ChunkStore",
     "PeerClient",
     "PeerServer",
+    "Received",
     "ServedChunk",
     "TcpPeerClient",
     "TcpPeerServer",

@@ -9,10 +9,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
-from .._crc import crc32
-from .._errors import PeerError
+from ._wire import Received
 
-__all__ = ["ChunkStore", "PeerClient", "PeerServer", "ServedChunk", "check_chunk"]
+__all__ = ["ChunkStore", "PeerClient", "PeerServer", "Received", "ServedChunk"]
 
 
 @dataclass(frozen=True)
@@ -21,13 +20,15 @@ class ServedChunk:
     offset: int
     length: int
     crc: int
+    digest: bytes  # BLAKE3 of the chunk, announced in the (tagged) header
 
 
 class ChunkStore(Protocol):
     """What a peer server reads from: the local pool's held chunks (thread-safe)."""
 
     def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
-        """A held, verified chunk with a fresh fd; None if this node does not hold it."""
+        """A held, verified chunk with a fresh fd and its digest; None if this node does not
+        hold it (or no longer can vouch for it)."""
         ...
 
     def served(self, peer: str, nbytes: int) -> None:
@@ -58,28 +59,16 @@ class PeerClient(ABC):
         index: int,
         dest: memoryview,
         expected_crc: int | None,
-    ) -> int:
-        """Fetch one chunk into ``dest`` (exactly its length) and return its CRC-32.
+        node: str | None = None,
+    ) -> Received:
+        """Fetch one chunk into ``dest`` (exactly its length); return its CRC-32 and digest.
 
-        Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the chunk, or sends
-        bytes whose CRC differs from ``expected_crc`` (or from the one it announced);
-        ``dest`` then holds garbage and must not be used.
+        ``node``: the node id the directory gave for ``address``; a server proving another
+        id is refused. Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the
+        chunk, or sends bytes that do not match the digest it announced or whose CRC differs
+        from ``expected_crc`` (``corrupt=True``); ``dest`` then holds garbage.
         """
 
     @abstractmethod
     def close(self) -> None:
         """Close every pooled connection."""
-
-
-def check_chunk(
-    peer: str, path: str, index: int, data: memoryview, expected: int | None, announced: int
-) -> int:
-    """CRC-32 of a received chunk; ``PeerError(corrupt=True)`` unless it is the CRC the
-    directory published (``expected``) and the one the sender announced."""
-    actual = crc32(data)
-    for want in (expected, announced):
-        if want is not None and actual != want:
-            raise PeerError(
-                peer, f"{path} chunk {index}: CRC {actual:08x}, expected {want:08x}", corrupt=True
-            )
-    return actual

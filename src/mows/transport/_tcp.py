@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import struct
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from .._errors import MowsError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer, check_chunk
+from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
 from ._wire import (
+    Channel,
     ChunkHeader,
     ChunkRequest,
     PeerFailure,
     PeerMessage,
+    Received,
     client_handshake,
     recv_peer,
     send_peer,
     server_handshake,
+    verify_chunk,
 )
 
 __all__ = ["TcpPeerClient", "TcpPeerServer", "split_address"]
@@ -59,6 +64,7 @@ class TcpPeerServer(PeerServer):
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         max_per_address: int = MAX_PER_ADDRESS,
+        encrypt: bool = False,
     ) -> None:
         host, port = split_address(listen)
         if not secret and host not in LOOPBACK:
@@ -69,6 +75,7 @@ class TcpPeerServer(PeerServer):
         self._store = store
         self.node = node
         self._secret = secret
+        self._encrypt = encrypt
         self._timeout = handshake_timeout
         self._idle_timeout = idle_timeout
         self._max = max_connections
@@ -140,29 +147,28 @@ class TcpPeerServer(PeerServer):
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             conn.settimeout(self._timeout)
-            peer_node = server_handshake(conn, self.node, self._secret, peer)
+            peer_node, channel = server_handshake(
+                conn, self.node, self._secret, peer, self._encrypt
+            )
             with self._lock:
                 self._handshaking.pop(conn, None)
             conn.settimeout(None)  # blocking: sendfile needs it; the kernel times out instead
             _kernel_timeouts(conn, recv=self._idle_timeout, send=SEND_TIMEOUT)
             while True:
-                req = recv_peer(conn)
+                req = recv_peer(conn, channel)
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
                 chunk = self._store.open_chunk(req.model, req.path, req.index)
                 if chunk is None:
-                    send_peer(conn, PeerFailure(f"not held: {req.path} chunk {req.index}"))
+                    send_peer(conn, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
                     continue
                 try:
-                    send_peer(conn, ChunkHeader(chunk.offset, chunk.length, chunk.crc))
-                    sent = 0
-                    while sent < chunk.length:
-                        n = os.sendfile(
-                            conn.fileno(), chunk.fd, chunk.offset + sent, chunk.length - sent
-                        )
-                        if n == 0:
-                            raise ConnectionError("pool file shorter than the chunk")
-                        sent += n
+                    header = ChunkHeader(chunk.offset, chunk.length, chunk.crc, chunk.digest)
+                    send_peer(conn, header, channel)
+                    if channel.encrypted:
+                        _send_encrypted(conn, chunk, channel)
+                    else:
+                        _sendfile(conn, chunk)
                 finally:
                     os.close(chunk.fd)
                 self._store.served(peer_node, chunk.length)
@@ -186,6 +192,39 @@ class TcpPeerServer(PeerServer):
                 c.shutdown(socket.SHUT_RDWR)
 
 
+def _sendfile(conn: socket.socket, chunk: ServedChunk) -> None:
+    sent = 0
+    while sent < chunk.length:
+        n = os.sendfile(conn.fileno(), chunk.fd, chunk.offset + sent, chunk.length - sent)
+        if n == 0:
+            raise ConnectionError("pool file shorter than the chunk")
+        sent += n
+
+
+CIPHER_SLICE = 4 * 2**20  # encrypted chunks go out through a bounce buffer this big
+
+
+def _send_encrypted(conn: socket.socket, chunk: ServedChunk, channel: Channel) -> None:
+    """Encrypt from a read-only mapping of the chunk into a small buffer, slice by slice
+    (sendfile cannot transform bytes; the pool's pages are never written)."""
+    cipher = channel.chunk_cipher(sending=True)
+    start = chunk.offset - chunk.offset % mmap.ALLOCATIONGRANULARITY
+    size = chunk.offset + chunk.length - start
+    buf = bytearray(min(CIPHER_SLICE, chunk.length))
+    with mmap.mmap(chunk.fd, size, prot=mmap.PROT_READ, offset=start) as m:
+        view = memoryview(m)[chunk.offset - start :]
+        out = memoryview(buf)
+        try:
+            for at in range(0, chunk.length, CIPHER_SLICE):
+                part = view[at : at + CIPHER_SLICE]
+                n = cipher.update_into(part, out)
+                conn.sendall(out[:n])
+                part.release()
+        finally:
+            out.release()
+            view.release()
+
+
 def _peer_error(address: str, e: BaseException, timeout: float) -> BaseException:
     """What a failed exchange with a peer is to the caller: a ``PeerError`` naming it."""
     if isinstance(e, TimeoutError):
@@ -206,7 +245,7 @@ def _kernel_timeouts(conn: socket.socket, *, recv: float, send: float) -> None:
 
 
 class TcpPeerClient(PeerClient):
-    """Pools up to ``connections`` authenticated connections per peer."""
+    """Pools up to ``connections`` authenticated connections per peer address."""
 
     def __init__(
         self,
@@ -215,16 +254,18 @@ class TcpPeerClient(PeerClient):
         secret: bytes | None,
         connections: int = 4,
         timeout: float = 10.0,
+        encrypt: bool = False,
     ) -> None:
         self.node = node
         self._secret = secret
+        self._encrypt = encrypt
         self._max = connections
         self._timeout = timeout
-        self._idle: dict[str, list[socket.socket]] = defaultdict(list)
+        self._idle: dict[str, list[_Conn]] = defaultdict(list)
         self._count: dict[str, int] = defaultdict(int)
         self._cond = threading.Condition()
 
-    def _acquire(self, address: str, fresh: bool = False) -> socket.socket:
+    def _acquire(self, address: str, node: str | None, fresh: bool = False) -> _Conn:
         with self._cond:
             while True:
                 if self._idle[address] and not fresh:
@@ -238,8 +279,10 @@ class TcpPeerClient(PeerClient):
             host, port = split_address(address)
             sock = socket.create_connection((host, port), timeout=self._timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_handshake(sock, self.node, self._secret, address)
-            return sock
+            server, channel = client_handshake(
+                sock, self.node, self._secret, address, node, self._encrypt
+            )
+            return _Conn(sock, server, channel)
         except BaseException as e:
             if sock is not None:
                 sock.close()
@@ -252,13 +295,13 @@ class TcpPeerClient(PeerClient):
                 raise PeerError(address, str(e)) from None
             raise
 
-    def _release(self, address: str, sock: socket.socket, ok: bool) -> None:
+    def _release(self, address: str, conn: _Conn, ok: bool) -> None:
         with self._cond:
             if ok:
-                self._idle[address].append(sock)
+                self._idle[address].append(conn)
             else:
                 self._count[address] -= 1
-                sock.close()
+                conn.sock.close()
             self._cond.notify()
 
     def fetch(
@@ -269,26 +312,27 @@ class TcpPeerClient(PeerClient):
         index: int,
         dest: memoryview,
         expected_crc: int | None,
-    ) -> int:
+        node: str | None = None,
+    ) -> Received:
         request = ChunkRequest(model, path, index)
         reused = bool(self._idle.get(address))  # a hint: a pooled connection may be stale
-        sock = self._acquire(address)
+        conn = self._acquire(address, node)
         try:
-            header = self._ask(sock, request)
+            header = self._ask(conn, request, node)
         except ConnectionError as e:
-            self._release(address, sock, False)
+            self._release(address, conn, False)
             if not reused:
                 raise PeerError(address, str(e)) from None
             # A pooled connection the server closed while idle: once more, on a fresh one.
             log.debug("%s: idle connection closed (%s); reconnecting", address, e)
-            sock = self._acquire(address, fresh=True)
+            conn = self._acquire(address, node, fresh=True)
             try:
-                header = self._ask(sock, request)
+                header = self._ask(conn, request, node)
             except BaseException as e2:
-                self._release(address, sock, False)
+                self._release(address, conn, False)
                 raise _peer_error(address, e2, self._timeout) from None
         except BaseException as e:
-            self._release(address, sock, False)
+            self._release(address, conn, False)
             raise _peer_error(address, e, self._timeout) from None
         ok = False
         try:
@@ -302,11 +346,13 @@ class TcpPeerClient(PeerClient):
             got = 0
             start = time.monotonic()
             while got < len(dest):
-                n = sock.recv_into(dest[got:])
+                n = conn.sock.recv_into(dest[got:])
                 if n == 0:
                     raise PeerError(address, f"connection closed after {got} of {len(dest)} bytes")
                 got += n
-            actual = check_chunk(address, path, index, dest, expected_crc, header.crc)
+            if conn.channel.encrypted:
+                conn.channel.chunk_cipher(sending=False).update_into(dest, dest)
+            received = verify_chunk(address, path, index, dest, expected_crc, header)
             ok = True
             log.debug(
                 "%s chunk %d from %s: %.1f MiB/s",
@@ -315,22 +361,34 @@ class TcpPeerClient(PeerClient):
                 address,
                 len(dest) / 2**20 / max(time.monotonic() - start, 1e-9),
             )
-            return actual
+            return received
         except PeerError:
             raise
         except BaseException as e:
             raise _peer_error(address, e, self._timeout) from None
         finally:
-            self._release(address, sock, ok)
+            self._release(address, conn, ok)
 
-    def _ask(self, sock: socket.socket, request: ChunkRequest) -> PeerMessage:
-        sock.settimeout(self._timeout)  # a stalled peer costs at most this per recv
-        send_peer(sock, request)
-        return recv_peer(sock)
+    def _ask(self, conn: _Conn, request: ChunkRequest, node: str | None) -> PeerMessage:
+        if node is not None and conn.node != node:
+            # The directory moved another node to this address: this connection is not it.
+            raise PeerError(conn.channel.peer, f"is node {conn.node!r}, expected {node!r}")
+        conn.sock.settimeout(self._timeout)  # a stalled peer costs at most this per recv
+        send_peer(conn.sock, request, conn.channel)
+        return recv_peer(conn.sock, conn.channel)
 
     def close(self) -> None:
         with self._cond:
-            for socks in self._idle.values():
-                for s in socks:
-                    s.close()
+            for conns in self._idle.values():
+                for c in conns:
+                    c.sock.close()
             self._idle.clear()
+
+
+@dataclass
+class _Conn:
+    """A pooled, authenticated connection: the node it proved to be and its channel."""
+
+    sock: socket.socket
+    node: str
+    channel: Channel

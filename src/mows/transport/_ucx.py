@@ -4,7 +4,10 @@ ucxx is asyncio-based, so UCX work runs on one private event loop thread per pro
 blocking ``PeerClient.fetch`` of worker threads submits to it. The server sends each chunk
 straight from a read-only mapping of the pool file and the client receives into the pool
 mapping: no copy in Python on either side, and zero-copy RDMA where the NIC supports it.
-ucxx listens on every interface, so this transport requires a cluster secret.
+ucxx listens on every interface, so this transport requires a cluster secret. Frames after
+the handshake are tagged like TCP's (see ``_wire``). The port is bounded like TCP's: a total
+connection cap, a wall-clock handshake deadline, idle and send timeouts (ucxx does not tell
+the listener a peer's address, so there is no per-address cap here).
 """
 
 from __future__ import annotations
@@ -21,19 +24,21 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .. import _protocol as frames
 from .._errors import ConfigError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer, check_chunk
-from ._tcp import split_address
+from ._base import ChunkStore, PeerClient, PeerServer
+from ._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS, SEND_TIMEOUT, split_address
 from ._wire import (
     MAX_PEER_FRAME,
+    Channel,
     ChunkHeader,
     ChunkRequest,
     ClientHandshake,
     PeerFailure,
     PeerMessage,
+    Received,
     ServerHandshake,
     decode_peer,
+    verify_chunk,
 )
 
 __all__ = ["UcxPeerClient", "UcxPeerServer"]
@@ -73,15 +78,26 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-async def _send(ep: Any, msg: msgspec.Struct) -> None:
+_enc = msgspec.msgpack.Encoder()
+
+
+async def _send(ep: Any, msg: msgspec.Struct, channel: Channel | None = None) -> None:
+    await _send_body(ep, _enc.encode(msg) if channel is None else channel.seal(msg))
+
+
+async def _send_body(ep: Any, body: bytes) -> None:
     import numpy as np
 
-    body = frames.encode(msg)[4:]
     await ep.send(np.array([len(body)], dtype=np.uint64))
     await ep.send(np.frombuffer(body, dtype=np.uint8))
 
 
-async def _recv(ep: Any) -> PeerMessage:
+async def _recv(ep: Any, channel: Channel | None = None) -> PeerMessage:
+    body = await _recv_body(ep)
+    return decode_peer(body) if channel is None else channel.open(body)
+
+
+async def _recv_body(ep: Any) -> bytes:
     import numpy as np
 
     n = np.empty(1, dtype=np.uint64)
@@ -90,11 +106,22 @@ async def _recv(ep: Any) -> PeerMessage:
         raise ProtocolError(f"peer frame of {int(n[0])} bytes is out of bounds")
     body = np.empty(int(n[0]), dtype=np.uint8)
     await ep.recv(body)
-    return decode_peer(body.tobytes())
+    return body.tobytes()
 
 
 class UcxPeerServer(PeerServer):
-    def __init__(self, listen: str, store: ChunkStore, *, node: str, secret: bytes | None) -> None:
+    def __init__(
+        self,
+        listen: str,
+        store: ChunkStore,
+        *,
+        node: str,
+        secret: bytes | None,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        encrypt: bool = False,
+    ) -> None:
         if not secret:
             raise ConfigError(
                 "--nic ucx listens on every interface: it needs --cluster-secret-file"
@@ -102,6 +129,10 @@ class UcxPeerServer(PeerServer):
         self._ucxx = _ucxx()
         host, port = split_address(listen)
         self._store, self.node, self._secret = store, node, secret
+        self._timeout, self._idle_timeout = handshake_timeout, idle_timeout
+        self._max, self._encrypt = max_connections, encrypt
+        self._active = 0  # touched on the UCX loop only
+        self.refused = 0
         self._loop = _Loop.get()
         self._listener = self._loop.run(self._create(port), 30)
         self._address = f"{host}:{self._listener.port}"
@@ -115,43 +146,59 @@ class UcxPeerServer(PeerServer):
         return self._address
 
     async def _handle(self, ep: Any) -> None:
-        hs = ServerHandshake(self.node, self._secret, "ucx peer")
+        if self._active >= self._max:
+            self.refused += 1
+            with contextlib.suppress(Exception):
+                await ep.close()
+            return
+        self._active += 1
+        hs = ServerHandshake(self.node, self._secret, "ucx peer", self._encrypt)
         try:
             try:
-                await _send(ep, hs.on_hello(await _recv(ep)))
-                await _send(ep, hs.on_auth(await _recv(ep)))
+                async with asyncio.timeout(self._timeout):  # one deadline for the whole exchange
+                    await _send(ep, hs.on_hello(await _recv(ep)))
+                    channel, ok = hs.on_auth(await _recv(ep))
+                    await _send_body(ep, ok)
             except PeerError:
                 if hs.refusal is not None:
-                    await _send(ep, hs.refusal)
+                    await asyncio.wait_for(_send(ep, hs.refusal), self._timeout)
                 raise
             while True:
-                req = await _recv(ep)
+                req = await asyncio.wait_for(_recv(ep, channel), self._idle_timeout)
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
-                chunk = self._store.open_chunk(req.model, req.path, req.index)
-                if chunk is None:
-                    await _send(ep, PeerFailure(f"not held: {req.path} chunk {req.index}"))
-                    continue
-                try:
-                    with mmap.mmap(
-                        chunk.fd, chunk.length, prot=mmap.PROT_READ, offset=chunk.offset
-                    ) as m:
-                        await _send(ep, ChunkHeader(chunk.offset, chunk.length, chunk.crc))
-                        view = memoryview(m)
-                        try:
-                            await ep.send(view)
-                        finally:
-                            view.release()
-                finally:
-                    os.close(chunk.fd)
-                self._store.served(hs.client, chunk.length)
+                await asyncio.wait_for(self._send_chunk(ep, channel, req, hs.client), SEND_TIMEOUT)
         except (ProtocolError, PeerError) as e:
             log.warning("dropping UCX peer connection: %s", e)
         except Exception as e:
             log.debug("UCX peer connection ended: %s", e)
         finally:
+            self._active -= 1
             with contextlib.suppress(Exception):
                 await ep.close()
+
+    async def _send_chunk(self, ep: Any, channel: Channel, req: ChunkRequest, client: str) -> None:
+        chunk = self._store.open_chunk(req.model, req.path, req.index)
+        if chunk is None:
+            await _send(ep, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
+            return
+        try:
+            with mmap.mmap(chunk.fd, chunk.length, prot=mmap.PROT_READ, offset=chunk.offset) as m:
+                header = ChunkHeader(chunk.offset, chunk.length, chunk.crc, chunk.digest)
+                await _send(ep, header, channel)
+                view = memoryview(m)
+                try:
+                    if channel.encrypted:  # into a copy: the pool's pages are never written
+                        out = bytearray(chunk.length)
+                        channel.chunk_cipher(sending=True).update_into(view, out)
+                        await ep.send(out)
+                    else:
+                        await ep.send(view)
+                finally:
+                    view.release()
+        finally:
+            os.close(chunk.fd)
+        self._store.served(client, chunk.length)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -160,13 +207,19 @@ class UcxPeerServer(PeerServer):
 
 class UcxPeerClient(PeerClient):
     def __init__(
-        self, *, node: str, secret: bytes | None, connections: int = 4, timeout: float = 10.0
+        self,
+        *,
+        node: str,
+        secret: bytes | None,
+        connections: int = 4,
+        timeout: float = 10.0,
+        encrypt: bool = False,
     ) -> None:
         self._ucxx = _ucxx()
-        self.node, self._secret = node, secret
+        self.node, self._secret, self._encrypt = node, secret, encrypt
         self._max, self._timeout = connections, timeout
         self._loop = _Loop.get()
-        self._idle: dict[str, list[Any]] = defaultdict(list)
+        self._idle: dict[str, list[tuple[Any, Channel, str]]] = defaultdict(list)
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     def fetch(
@@ -177,21 +230,21 @@ class UcxPeerClient(PeerClient):
         index: int,
         dest: memoryview,
         expected_crc: int | None,
-    ) -> int:
-        coro = self._fetch(address, model, path, index, dest, expected_crc)
+        node: str | None = None,
+    ) -> Received:
+        coro = self._fetch(address, model, path, index, dest, expected_crc, node)
         try:
             return self._loop.run(coro, self._timeout * 3)
         except TimeoutError:
             raise PeerError(address, f"stalled for {self._timeout * 3:.0f}s") from None
 
-    async def _connect(self, address: str) -> Any:
+    async def _connect(self, address: str, node: str | None) -> tuple[Any, Channel, str]:
         host, port = split_address(address)
         ep = await self._ucxx.create_endpoint(host, port)
-        hs = ClientHandshake(self.node, self._secret, address)
+        hs = ClientHandshake(self.node, self._secret, address, node, self._encrypt)
         await _send(ep, hs.hello())
         await _send(ep, hs.on_challenge(await _recv(ep)))
-        hs.on_ok(await _recv(ep))
-        return ep
+        return ep, hs.on_ok(await _recv_body(ep)), hs.server
 
     async def _fetch(
         self,
@@ -201,26 +254,31 @@ class UcxPeerClient(PeerClient):
         index: int,
         dest: memoryview,
         expected_crc: int | None,
-    ) -> int:
+        node: str | None,
+    ) -> Received:
         slots = self._slots.setdefault(address, asyncio.Semaphore(self._max))
         async with slots:
-            ep = self._idle[address].pop() if self._idle[address] else None
+            conn = self._idle[address].pop() if self._idle[address] else None
             ok = False
             try:
-                if ep is None:
-                    ep = await asyncio.wait_for(self._connect(address), self._timeout)
-                assert ep is not None
-                await _send(ep, ChunkRequest(model, path, index))
-                header = await asyncio.wait_for(_recv(ep), self._timeout)
+                if conn is None:
+                    conn = await asyncio.wait_for(self._connect(address, node), self._timeout)
+                ep, channel, server = conn
+                if node is not None and server != node:
+                    raise PeerError(address, f"is node {server!r}, expected {node!r}")
+                await _send(ep, ChunkRequest(model, path, index), channel)
+                header = await asyncio.wait_for(_recv(ep, channel), self._timeout)
                 if isinstance(header, PeerFailure):
                     ok = True
                     raise PeerError(address, header.message)
                 if not isinstance(header, ChunkHeader) or header.length != len(dest):
                     raise PeerError(address, f"unexpected reply {header!r}")
                 await asyncio.wait_for(ep.recv(dest), self._timeout)
-                actual = check_chunk(address, path, index, dest, expected_crc, header.crc)
+                if channel.encrypted:
+                    channel.chunk_cipher(sending=False).update_into(dest, dest)
+                received = verify_chunk(address, path, index, dest, expected_crc, header)
                 ok = True
-                return actual
+                return received
             except PeerError:
                 raise
             except TimeoutError:
@@ -228,17 +286,17 @@ class UcxPeerClient(PeerClient):
             except Exception as e:
                 raise PeerError(address, f"{type(e).__name__}: {e}") from None
             finally:
-                if ep is not None:
+                if conn is not None:
                     if ok:
-                        self._idle[address].append(ep)
+                        self._idle[address].append(conn)
                     else:
                         with contextlib.suppress(Exception):
-                            await ep.close()
+                            await conn[0].close()
 
     def close(self) -> None:
         async def close_all() -> None:
-            for eps in self._idle.values():
-                for ep in eps:
+            for conns in self._idle.values():
+                for ep, _, _ in conns:
                     with contextlib.suppress(Exception):
                         await ep.close()
             self._idle.clear()
