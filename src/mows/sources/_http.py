@@ -12,7 +12,7 @@ import email.utils
 import json
 import logging
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError
@@ -26,6 +26,16 @@ __all__ = ["HttpSource"]
 log = logging.getLogger("mows.sources")
 
 _TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECT = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port filled in; ValueError for a bad port."""
+    u = urlsplit(url)
+    scheme = u.scheme.lower()
+    return scheme, u.hostname or "", u.port or _DEFAULT_PORT.get(scheme, 0)
 
 
 class HttpSource(Source):
@@ -40,6 +50,8 @@ class HttpSource(Source):
         crc32_file: str = "crc32.txt",
     ) -> None:
         self.url = location.rstrip("/")
+        self._origin = _origin(self.url)
+        self._base = unquote(urlsplit(self.url).path).rstrip("/")  # the model's URL prefix
         self._retries = retries
         self._backoff = backoff
         self._crc32_file = crc32_file
@@ -71,9 +83,7 @@ class HttpSource(Source):
         retries = self._retries if retries is None else retries
         for attempt in range(retries + 1):
             try:
-                resp = self._pool.request(
-                    method, url, headers=headers, preload_content=not stream, redirect=True
-                )
+                resp = self._send(method, url, path, headers, stream)
             except HTTPError as e:
                 err = f"{type(e).__name__}: {e}"
             else:
@@ -88,6 +98,47 @@ class HttpSource(Source):
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(
+        self, method: str, url: str, path: str, headers: dict[str, str] | None, stream: bool
+    ) -> urllib3.BaseHTTPResponse:
+        """One request, following redirects by hand: only to the same origin and under the
+        model's URL prefix (urllib3 would follow one to any host, headers and all)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._pool.request(
+                method, url, headers=headers, preload_content=not stream, redirect=False
+            )
+            location = resp.headers.get("Location") if resp.status in _REDIRECT else None
+            if location is None:
+                return resp
+            resp.drain_conn()
+            resp.release_conn()
+            url = self._check_redirect(urljoin(url, location), path)
+        raise SourceError(self.url, path, f"more than {MAX_REDIRECTS} redirects")
+
+    def _check_redirect(self, target: str, path: str) -> str:
+        try:
+            origin = _origin(target)
+        except ValueError:
+            raise SourceError(self.url, path, f"redirect to a malformed URL {target!r}") from None
+        if origin != self._origin:
+            scheme, host, port = origin
+            raise SourceError(
+                self.url, path, f"refused a redirect to another origin: {scheme}://{host}:{port}"
+            )
+        # Decoded first: "%2e%2e/" is "../" to the server that receives it.
+        decoded = unquote(urlsplit(target).path)
+        segments = decoded.split("/")
+        if (
+            not (decoded + "/").startswith(self._base + "/")
+            or "." in segments
+            or ".." in segments
+            or "\\" in decoded
+        ):
+            raise SourceError(
+                self.url, path, f"refused a redirect outside the model's URL prefix: {decoded}"
+            )
+        return target
 
     def _check(self, resp: urllib3.BaseHTTPResponse, path: str, ok: tuple[int, ...]) -> None:
         if resp.status in ok:
