@@ -1,7 +1,7 @@
 """An emulated cluster: N nodes and a remote origin in network namespaces, links rate-limited.
 
     sudo python bench/cluster.py [--nodes 2,4,8] [--size-mib 256] [--origin-mbit 200]
-                                 [--node-mbit 500] [--chunk-mib 4] [--quick]
+                                 [--node-mbit 500] [--chunk-mib auto] [--quick]
 
 Topology: a switch namespace holds a bridge; an origin namespace (nginx serving the model,
 egress limited to B_origin with tbf: the shared remote-storage bandwidth), an etcd namespace,
@@ -37,12 +37,18 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import RESULTS, table, write_json  # noqa: E402
 
+from mows.manifest._model import choose_chunk_size  # noqa: E402
 from tests.daemons import generate_crc32, make_random_model  # noqa: E402
 
 PREFIX = "mowsb"
 SUBNET = "10.250.0"
 ORIGIN_IP, ETCD_IP = f"{SUBNET}.2", f"{SUBNET}.3"
 PY = sys.executable
+
+
+def chunk_flag(chunk_mib: str) -> list[str]:
+    """``--chunk-size`` for the daemons; none at "auto", the daemon's default."""
+    return [] if chunk_mib == "auto" else ["--chunk-size", f"{chunk_mib}MiB"]
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -291,8 +297,7 @@ class Cluster:
             f"{SUBNET}.{10 + i}:7470",
             "--cluster-secret-file",
             str(self.secret),
-            "--chunk-size",
-            f"{self.args.chunk_mib}MiB",
+            *chunk_flag(self.args.chunk_mib),
             "--lease-ttl",
             "3",
             "--prefetch",
@@ -400,6 +405,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster = Cluster(args, base, model)
     atexit.register(cluster.close)
     results: dict[str, Any] = {"bytes": size, "args": vars(args), "runs": []}
+    model_bytes = sum(f.stat().st_size for f in model.iterdir() if f.name != "crc32.txt")
+    explicit = 0 if args.chunk_mib == "auto" else int(args.chunk_mib) << 20
+    results["chunk_size"] = choose_chunk_size(model_bytes, explicit)
     try:
         for n in args.nodes:
             row: dict[str, Any] = {"n": n}
@@ -414,6 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["cold_s"], summaries = cluster.load(list(range(n)))
             row["cold_links"] = delta(counters(cluster, n), before)
             row["cold_origin_bytes"] = sum(s["bytes_from_origin"] for s in summaries)
+            served = [row["cold_links"][f"n{i}"]["tx"] for i in range(n)]
+            row["cold_served_max_over_mean"] = max(served) * n / sum(served) if n > 1 else 1.0
             cluster.stop_daemons()
 
             if n > 1:
@@ -467,7 +477,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, name: str) -> None
                 r["cold_s"],
                 f"{r['pull_s'] / r['cold_s']:.2f}x",
                 f"{r['cold_origin_bytes'] / size:.2f}x",
-                f"{origin_util:.0%} origin, node rx max {max(node_rx) / size:.2f}x model",
+                f"{origin_util:.0%} origin, node rx max {max(node_rx) / size:.2f}x model, "
+                f"served max/mean {r['cold_served_max_over_mean']:.2f}",
             ]
         )
         if "scale_s" in r:
@@ -486,7 +497,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, name: str) -> None
             )
     print(
         f"\nmodel {size / 2**20:.0f} MiB, B_origin {args.origin_mbit} Mbit/s, "
-        f"B_node {args.node_mbit} Mbit/s, chunks {args.chunk_mib} MiB"
+        f"B_node {args.node_mbit} Mbit/s, chunks {results['chunk_size'] / 2**20:g} MiB"
+        f"{' (auto)' if args.chunk_mib == 'auto' else ''}"
     )
     print(table(["N", "scenario", "seconds", "speedup vs pull", "origin bytes", "links"], rows))
     print("(scale-out speedup: against one instance's share of the pull, pull_s / N)")
@@ -542,7 +554,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--origin-mbit", type=float, default=200)
     ap.add_argument("--node-mbit", type=float, default=500)
-    ap.add_argument("--chunk-mib", type=int, default=4)
+    ap.add_argument(
+        "--chunk-mib", default="auto", help="Daemon chunk size in MiB [auto: the daemon's default]."
+    )
     ap.add_argument("--quick", action="store_true", help="N=2, a 32 MiB model: a smoke run.")
     args = ap.parse_args()
     if args.quick:

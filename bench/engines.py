@@ -221,7 +221,7 @@ def run(base: Path, repeat: int) -> dict[str, Any]:
                 sock_dir,
                 roots=[origin.url],
                 max_memory="2GiB",
-                extra=["--prefetch", "off", "--chunk-size", "64MiB"],  # the daemon's default
+                extra=["--prefetch", "off"],  # the daemon's default chunk size
             )
             try:
                 daemon.start()

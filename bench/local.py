@@ -146,10 +146,10 @@ def origin_requests(base: Path, model: Path, sock_dir: Path) -> dict[str, Any]:
     shutil.copytree(model, www / "m")
     origin = CountingOrigin(www)
     url = f"{origin.url}/m"
-    # The daemon's default chunk size (64 MiB), not the tests' 1 MiB: requests per open are
+    # The daemon's default chunk size (auto), not the tests' 1 MiB: requests per open are
     # what an operator would see.
     d = DaemonProcess(
-        sock_dir, roots=[origin.url], max_memory="8GiB", extra=["--chunk-size", "64MiB"]
+        sock_dir, roots=[origin.url], max_memory="8GiB", extra=["--chunk-size", "auto"]
     ).start()
     out: dict[str, Any] = {"files": len(list(model.iterdir()))}
     try:

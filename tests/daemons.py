@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -178,6 +179,82 @@ class EtcdProcess:
 
     def stop(self) -> None:
         stop_server(self.proc, getattr(self, "_log", None))
+
+
+def etcd_metric(etcd: EtcdProcess, name: str) -> float:
+    """One unlabelled metric from etcd's own /metrics (served on its client URL)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{etcd.endpoint}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"etcd serves no metric {name}")
+
+
+class TcpProxy:
+    """A loopback TCP relay to ``port`` that a test can cut (every connection closed, new ones
+    closed at once) and restore: one client's network to a server, and nobody else's."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.cut_off = False
+        self._open: set[Any] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self.cut_off:
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._open.update((conn, upstream))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+                with self._lock:
+                    self._open.discard(s)
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)  # SHUT_RDWR
+            self._open.clear()
+
+    def restore(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
 
 
 class MotoServer:

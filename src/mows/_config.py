@@ -78,7 +78,7 @@ class DaemonConfig:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
     pool_dir: str = DEFAULT_POOL_DIR
-    chunk_size: int = 64 * 2**20
+    chunk_size: int = 0  # bytes; 0 = auto: chosen per model from its size (choose_chunk_size)
     workers: int = 4
     sources: dict[str, Any] = field(default_factory=dict)  # options passed to open_source
     # cluster mode (off without etcd)
@@ -110,8 +110,10 @@ class DaemonConfig:
         if self.nic not in ("tcp", "ucx"):
             raise ConfigError(f"nic: must be 'tcp' or 'ucx', got {self.nic!r}")
         page = os.sysconf("SC_PAGE_SIZE")
-        if self.chunk_size < page or self.chunk_size % page:
-            raise ConfigError(f"chunk_size: must be a positive multiple of {page} bytes")
+        if self.chunk_size and (self.chunk_size < page or self.chunk_size % page):
+            raise ConfigError(
+                f"chunk_size: must be 'auto' (0) or a positive multiple of {page} bytes"
+            )
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers: must be between 1 and 256")
         if not self.socket:
@@ -183,7 +185,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "socket": ("socket", lambda v, k: _str(v, k)),
     "socket_mode": ("socket_mode", lambda v, k: _mode(v, k)),
     "pool_dir": ("pool_dir", lambda v, k: _str(v, k)),
-    "chunk_size": ("chunk_size", lambda v, k: parse_size(v if not _bare(v) else f"{v}MiB", k)),
+    "chunk_size": ("chunk_size", lambda v, k: _chunk_size(v, k)),
     "workers": ("workers", lambda v, k: _int(v, k)),
     "etcd": ("etcd", lambda v, k: _str_list(v, k)),
     "cluster": ("cluster", lambda v, k: _str(v, k)),
@@ -211,6 +213,15 @@ _FIELDS: dict[str, tuple[str, Any]] = {
 
 def _bare(v: object) -> bool:
     return isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())
+
+
+def _chunk_size(v: object, key: str) -> int:
+    """``auto`` (or 0): chosen per model; a bare number is MiB; else a size such as 512KiB."""
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise ConfigError(f"{key}: expected 'auto' or a size, got {v!r}")
+    if str(v).strip().lower() in ("auto", "0"):
+        return 0
+    return parse_size(v if not _bare(v) else f"{v}MiB", key)
 
 
 def _str(v: object, key: str) -> str:

@@ -392,6 +392,9 @@ def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -
             "/m/sibling.bin": "/m2/real.bin",
             "/m/encoded.bin": "/m/%2e%2e/x/secret.bin",
             "/m/loop.bin": "/m/loop.bin",
+            # urllib sees host 127.0.0.1 here, urllib3 (which connects) the other server:
+            "/m/backslash.bin": f"{other}\\@127.0.0.1:1/m/sub/real.bin",
+            "/m/userinfo.bin": "http://user@127.0.0.1:1/m/sub/real.bin",
         }
         with (
             site({"/m/sub/real.bin": data, "/x/secret.bin": SECRET}, redirects) as (url, _),
@@ -410,6 +413,9 @@ def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -
                     source.read_range(rel, 0, 10)
             with pytest.raises(SourceError, match="more than 5 redirects"):
                 source.stat("loop.bin")
+            for rel in ("backslash.bin", "userinfo.bin"):
+                with pytest.raises(SourceError, match="ambiguous URL"):
+                    source.read_range(rel, 0, 10)
     assert other_hits == []
 
 
@@ -424,3 +430,35 @@ def test_daemon_refuses_a_cross_origin_redirect(daemon_factory: Any) -> None:
             assert other.removeprefix("http://") in str(e.value)
         assert other_hits == []
         assert_secret_not_in_pool(d.pool_dir)
+
+
+def test_a_directory_swapped_for_a_symlink_after_authorization_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The daemon authorizes a location by its real path and builds its source later (a
+    prefetch entry: minutes later). If the directory became a symlink in between, the source
+    would be anchored outside the allowed roots: the daemon refuses it (the real method, on a
+    minimal daemon; real files)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from mows import AccessDeniedError
+    from mows.daemon._daemon import Daemon
+
+    allowed = tmp_path / "models" / "evil"
+    allowed.mkdir(parents=True)
+    (allowed / "a.bin").write_bytes(b"x" * 10)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "a.bin").write_bytes(SECRET)
+    location = os.path.realpath(allowed)  # what authorize returned
+    shutil.rmtree(allowed)
+    os.symlink(outside, allowed)
+    daemon: Any = SimpleNamespace(_sources={}, config=SimpleNamespace(sources={}))
+    with pytest.raises(AccessDeniedError, match="changed while being opened"):
+        Daemon.source(daemon, location)
+    assert daemon._sources == {}
+    os.unlink(allowed)  # restored as a real directory: served again
+    allowed.mkdir()
+    (allowed / "a.bin").write_bytes(b"y" * 10)
+    assert Daemon.source(daemon, location).read_range("a.bin", 0, 10) == b"y" * 10

@@ -124,7 +124,12 @@ def status(socket: str | None, as_json: bool) -> None:
 
     cluster = st.get("cluster")
     if isinstance(cluster, dict):
-        health = "connected" if cluster["healthy"] else "DISCONNECTED (loads use origin)"
+        if cluster["healthy"]:
+            health = "connected"
+        elif cluster.get("degraded"):
+            health = f"DEGRADED for {cluster.get('degraded_seconds', 0):.0f}s (last view kept)"
+        else:
+            health = "DISCONNECTED (loads use origin)"
         click.echo(f"cluster {cluster['name']} as {cluster['node_id']}: etcd {health}")
         click.echo(
             f"{'node':<24} {'address':<22} {'used/cap GiB':>13} {'origin GiB':>10} "

@@ -141,7 +141,9 @@ def _peer(cfg: Any, node: Any) -> str:
     from .._errors import PeerError
     from ..transport import TcpPeerClient
 
-    client = TcpPeerClient(node="mows-doctor", secret=cfg.cluster_secret(), timeout=5)
+    client = TcpPeerClient(
+        node="mows-doctor", secret=cfg.cluster_secret(), timeout=5, encrypt=cfg.peer_encryption
+    )
     try:
         client.fetch(node.address, "doctor", "probe", 0, memoryview(bytearray(1)), None, node.id)
     except PeerError as e:

@@ -8,7 +8,9 @@ import click
 @click.command()
 @click.argument("location")
 @click.option("--crc32-file", default="crc32.txt", show_default=True)
-@click.option("--chunk-size", default=64, show_default=True, help="Chunk size in MiB.")
+@click.option(
+    "--chunk-size", default=0, show_default=True, help="Chunk size in MiB; 0: auto, as the daemon."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full manifest as JSON.")
 def manifest(location: str, crc32_file: str, chunk_size: int, as_json: bool) -> None:
     """Describe the model at LOCATION (a path or URL); bad headers are one-line errors."""

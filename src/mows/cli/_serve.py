@@ -24,7 +24,13 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--socket", {"help": "Local API socket [MOWS_SOCKET or /run/mows/mows.sock]."}),
     ("--pool-dir", {"help": "Shared-memory pool directory [/dev/shm/mows]."}),
     ("--allow-root", {"multiple": True, "help": "Another directory clients may load from."}),
-    ("--chunk-size", {"help": "Chunk size (MiB, or a size like 16MiB) [64]."}),
+    (
+        "--chunk-size",
+        {
+            "help": "Chunk size: 'auto' (per model: ~1/256 of it, a power of two in "
+            "1-64 MiB), MiB, or a size like 16MiB [auto]."
+        },
+    ),
     ("--workers", {"help": "Parallel chunk readers from the origin [4]."}),
     ("--etcd", {"help": "etcd endpoints URL[,URL..]: turns on cluster mode."}),
     ("--cluster", {"help": "Cluster name: nodes share chunks within it [default]."}),
@@ -110,6 +116,8 @@ def show(config_file: str | None, as_json: bool, **flags: object) -> None:
     width = max(map(len, values))
     for key, value in values.items():
         shown = oct(value) if key == "socket_mode" else value
+        if key == "chunk_size" and value == 0:
+            shown = "auto"
         click.echo(f"{key:<{width}}  {shown!s:<40}  ({origins[key]})")
 
 

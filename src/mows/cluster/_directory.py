@@ -10,8 +10,18 @@ A model is keyed by its version id (``mows.manifest.version_id``: file names, si
 chunk size), so nodes that mount the same storage at different paths still share.
 Ownership is computed, never stored.
 
-When etcd is unreachable the view turns unhealthy: loads fall back to origin and local
-clients are served as before; a background task reconnects, re-registers and republishes.
+What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
+and the byte counters, which only status shows, once they settle or at most every
+INFO_REFRESH seconds while they keep changing); a holding when its content changed; a manifest
+once. An idle node writes nothing: lease keepalives are its only traffic.
+
+When etcd is unreachable the node is ``degraded``: it keeps the last view (members, holdings)
+for ``grace`` seconds, since peers remain the best source (every chunk is checked, a dead peer
+fails fast and trips its breaker) and dropping the view would send every load to the origin at
+once. It reconnects with jittered backoff, keeping its lease if that outlived the outage (then
+nothing of ours vanished and nothing is rewritten); peers whose leases expired meanwhile are
+still tried as holders until they re-register. Past the grace the view is dropped: loads use
+the origin until etcd is back.
 
 etcd is an untrusted input: whoever can write under the prefix must not crash a node, make it
 allocate without bound or capture placement. Every record is size-checked before it is
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 import zlib
@@ -75,6 +86,12 @@ MAX_HOLDING_RECORD = 8 << 20
 MAX_WEIGHT_RATIO = 4
 _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
 _LOGGED_KEYS = 1024  # rejects are logged once per key, for at most this many keys
+INFO_CHECK = 1.0  # seconds between looks at our NodeInfo
+INFO_REFRESH = 10.0  # status-only fields are rewritten at most this often while changing
+RETRY_BASE, RETRY_MAX = 0.5, 5.0  # reconnect backoff (full jitter), seconds
+# Raw holdings of models not joined, as the watch delivered them, so that a join (even while
+# etcd is out) knows the holders at once; bounded: past it, a join reads etcd as before.
+STASH_MAX = 64 << 20
 
 
 def check_node(info: NodeInfo, node: str) -> None:
@@ -94,13 +111,17 @@ def placement_weight(capacity: int, own_capacity: int) -> float:
     return float(min(max(capacity, 0), MAX_WEIGHT_RATIO * max(own_capacity, 0)))
 
 
+_Others = dict[str, tuple[set[int], list[int]]]  # node -> (held, crcs)
+_Stash = dict[str, dict[str, tuple[int, bytes]]]  # model -> node -> (revision, raw holding)
+
+
 class _Model:
     """What this node knows of one model: its own chunks and every live node's."""
 
     def __init__(self, chunks: int) -> None:
         self.chunks = chunks
         self.mine: dict[int, int] = {}  # chunk -> crc
-        self.others: dict[str, tuple[set[int], list[int]]] = {}  # node -> (held, crcs)
+        self.others: _Others = {}  # node -> (held, crcs)
         # node -> etcd mod_revision of the last record (or deletion) applied: a re-read of the
         # model's holdings racing the watch must not bring back an older record.
         self.revs: dict[str, int] = {}
@@ -145,7 +166,13 @@ class Cluster:
         self.node_id = node_info().id
         self.ttl = ttl
         self.publish_interval = publish_interval
-        self.healthy = False
+        self.healthy = False  # connected now
+        self.degraded = False  # disconnected, the last view kept (see ``grace``)
+        self._lost_at = 0.0
+        self._drop_timer: asyncio.TimerHandle | None = None
+        # The last view's nodes, after a reconnect from degraded: see _linger.
+        self._lingering: dict[str, NodeInfo] = {}
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.etcd_errors = 0
         self.last_error = ""  # why etcd last failed us; empty while connected
         self.rejected_records = 0
@@ -153,6 +180,12 @@ class Cluster:
         self.nodes: dict[str, NodeInfo] = {}
         self.models: dict[str, _Model] = {}
         self._dirty: set[str] = set()
+        self._written: dict[str, bytes] = {}  # fingerprint -> our holding as etcd has it
+        self._info: NodeInfo | None = None  # our NodeInfo as etcd has it (None: to write)
+        self._info_at = 0.0
+        self._info_seen: NodeInfo | None = None  # as it was at the previous look
+        self._stash: _Stash = {}
+        self._stash_bytes = 0
         self._manifests_pending: dict[str, bytes] = {}  # fingerprint -> compressed manifest
         self._manifests_published: set[str] = set()
         self._changed = asyncio.Event()
@@ -160,9 +193,23 @@ class Cluster:
         self._wake_reader = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
-        self._lease: Any = None
+        self._lease: int | None = None  # lease id, kept across reconnects while etcd has it
 
     # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def view_usable(self) -> bool:
+        """May holders and owners be read: connected, or degraded within the grace."""
+        return self.healthy or self.degraded
+
+    @property
+    def grace(self) -> float:
+        """Seconds a degraded node keeps its last view."""
+        return max(3.0 * self.ttl, 15.0)
+
+    @property
+    def degraded_seconds(self) -> float:
+        return time.monotonic() - self._lost_at if self.degraded else 0.0
+
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
@@ -178,9 +225,12 @@ class Cluster:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        if self._lease is not None:
+        for timer in (self._drop_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._lease is not None and self._client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lease.revoke(), 2)
+                await asyncio.wait_for(self._client.revoke_lease(self._lease), 2)
         await self._drop_client()
 
     async def _drop_client(self) -> None:
@@ -191,20 +241,17 @@ class Cluster:
 
     async def _run(self) -> None:
         """Connect, register, follow the directory; on any etcd failure, retry."""
-        delay = 0.5
+        attempt = 0
         while True:
             endpoint = self.endpoints[self.etcd_errors % len(self.endpoints)]
             try:
                 self._client = open_client(endpoint, self.security)
                 await self._client.connect()
-                self._lease = await self._client.lease(self.ttl)
-                await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
-                self._dirty.update(self.models)
+                await self._register()
                 await self._publish_dirty()
                 revision = await self._load_snapshot()
-                self._set_healthy(True)
-                self.last_error = ""
-                delay = 0.5
+                self._set_connected()
+                attempt = 0
                 await self._follow(revision)
             except asyncio.CancelledError:
                 raise
@@ -212,22 +259,62 @@ class Cluster:
                 self.etcd_errors += 1
                 error = f"{endpoint}: {type(e).__name__}: {e}"
                 if self.healthy or error != self.last_error:  # a lasting failure, logged once
-                    log.warning("etcd %s: serving locally, loads use origin", error)
+                    log.warning("etcd %s", error)
                 self.last_error = error
-                self._set_healthy(False)
+                self._set_disconnected()
                 await self._drop_client()
-                self._lease = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # Full jitter: nodes cut off together must not all come back at once.
+                backoff = min(RETRY_MAX, RETRY_BASE * 2 ** min(attempt, 8))
+                await asyncio.sleep(random.uniform(0, backoff))
+                attempt += 1
 
-    def _set_healthy(self, healthy: bool) -> None:
-        if healthy != self.healthy:
-            log.info("cluster %s: %s", self.name, "connected" if healthy else "disconnected")
-        self.healthy = healthy
-        if not healthy:
-            self.nodes.clear()
-            for m in self.models.values():
-                m.others.clear()
+    async def _register(self) -> None:
+        """Keep our lease if etcd still has it (our keys are intact: only what changed is
+        written), else take a new one and write everything again under it."""
+        if self._lease is not None:
+            reply = await self._client.refresh_lease(self._lease)
+            if reply is not None and reply.TTL > 0:
+                return
+        self._lease = (await self._client.lease(self.ttl)).id
+        self._info = None
+        self._written.clear()
+        self._dirty.update(self.models)
+        await self._publish_info()
+
+    def _set_connected(self) -> None:
+        if not self.healthy:
+            log.info("cluster %s: connected", self.name)
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        self.healthy, self.degraded, self.last_error = True, False, ""
+        self._notify()
+
+    def _set_disconnected(self) -> None:
+        if not self.healthy:
+            return  # still down (degraded, or the view dropped already)
+        log.warning(
+            "cluster %s: etcd lost: degraded, peers tried from the last view for %.0fs",
+            self.name,
+            self.grace,
+        )
+        self.healthy, self.degraded, self._lost_at = False, True, time.monotonic()
+        self._drop_timer = asyncio.get_running_loop().call_later(self.grace, self._drop_view)
+        self._notify()
+
+    def _drop_view(self) -> None:
+        log.warning(
+            "cluster %s: etcd out for %.0fs: view dropped, loads use origin", self.name, self.grace
+        )
+        self._drop_timer = None
+        self.degraded = False
+        self.nodes.clear()
+        self._lingering.clear()
+        for m in self.models.values():
+            m.others.clear()
+            m.revs.clear()
+        self._stash.clear()
+        self._stash_bytes = 0
         self._notify()
 
     async def _put(self, key: str, value: bytes) -> None:
@@ -235,19 +322,64 @@ class Cluster:
 
     async def _load_snapshot(self) -> int:
         """Read the members, then the holdings of the models we joined (never the whole
-        prefix: manifests accumulate there). The watch starts at the members' revision, so
-        what changed during the later reads is replayed; per-key revisions keep the newest."""
+        prefix: manifests accumulate there), and only then replace the view: a degraded node
+        keeps using its last one until the new one is whole. The watch starts at the members'
+        revision, so what changed during the later reads is replayed; per-key revisions keep
+        the newest."""
         result = await self._client.get_prefix(self.prefix + b"nodes/")
+        fps = list(self.models)
+        self._unread.difference_update(fps)  # joined later: left to the reader
+        holdings = [
+            kv
+            for fp in fps
+            for kv in await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
+        ]
+        others = {fp: m.others for fp, m in self.models.items()}
+        last = ({**self._lingering, **self.nodes}, others, self._stash)
         self.nodes.clear()
         for m in self.models.values():
-            m.others.clear()
+            m.others = {}
             m.revs.clear()
-        for kv in result:
+        # What the watch stashed is not replayed across the gap: it may be stale.
+        self._stash, self._stash_bytes = {}, 0
+        for kv in [*result, *holdings]:
             self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
-        self._unread.clear()
-        for fp in list(self.models):
-            await self._read_holdings(fp)
+        if self.degraded:
+            self._linger(*last)
         return int(result.header.revision)
+
+    def _linger(
+        self, nodes: dict[str, NodeInfo], others: dict[str, _Others], stash: _Stash
+    ) -> None:
+        """After an outage the last view's nodes may vanish from etcd (their leases expired
+        while it was out of reach), to re-register seconds later (backoff). Until they do, or
+        for a grace, their last holdings stay usable as while degraded: dropping them would
+        send our loads to the origin meanwhile. They are tried as holders only, never counted
+        as owners or copies; one that is really gone fails fast and trips its breaker."""
+        self._lingering = {n: i for n, i in nodes.items() if n != self.node_id}
+        gone = self._lingering.keys() - self.nodes.keys()
+        for fp, m in self.models.items():
+            held = others.get(fp, {})
+            for node in gone & held.keys():
+                m.others[node] = held[node]
+        for fp, records in stash.items():
+            for node in gone & records.keys():
+                self._stash_holding(fp, node, *records[node])
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._linger_timer = asyncio.get_running_loop().call_later(self.grace, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_timer = None
+        gone = self._lingering.keys() - self.nodes.keys()
+        for m in self.models.values():
+            for node in gone:
+                m.others.pop(node, None)
+        for fp, records in list(self._stash.items()):
+            for node in gone & records.keys():
+                self._stash_holding(fp, node, 0, None)
+        self._lingering.clear()
+        self._notify()
 
     async def _read_holdings(self, fp: str) -> None:
         result = await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
@@ -290,16 +422,37 @@ class Cluster:
     async def _keepalive(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
-            await asyncio.wait_for(self._lease.refresh(), self.ttl / 2)
+            reply = await asyncio.wait_for(self._client.refresh_lease(self._lease), self.ttl / 2)
+            if reply is None or reply.TTL <= 0:  # etcd revoked it: our keys are gone
+                self._lease = None
+                raise ConnectionError("our etcd lease expired")
 
     async def _publisher(self) -> None:
-        last_info = 0.0
+        next_info = 0.0
         while True:
             await asyncio.sleep(self.publish_interval)
             await self._publish_dirty()
-            if time.monotonic() - last_info >= 1.0:
-                last_info = time.monotonic()
-                await self._put(f"nodes/{self.node_id}", _enc.encode(self._node_info()))
+            if time.monotonic() >= next_info:
+                next_info = time.monotonic() + INFO_CHECK
+                await self._publish_info()
+
+    async def _publish_info(self) -> None:
+        """Write our NodeInfo if it changed: at once when placement reads the change (address,
+        capacity); the fields only status shows (``used``, byte counters) once they have
+        settled (unchanged since the last look) or, while they keep changing, at most every
+        INFO_REFRESH seconds. An idle node writes nothing."""
+        info, last, now = self._node_info(), self._info, time.monotonic()
+        seen, self._info_seen = self._info_seen, info
+        if info == last:
+            return
+        if (
+            last is None
+            or (info.address, info.capacity) != (last.address, last.capacity)
+            or info == seen
+            or now - self._info_at >= INFO_REFRESH
+        ):
+            await self._put(f"nodes/{self.node_id}", _enc.encode(info))
+            self._info, self._info_at = info, now
 
     async def _publish_dirty(self) -> None:
         for fp, blob in list(self._manifests_pending.items()):
@@ -318,11 +471,15 @@ class Cluster:
                 encode_bitmap(m.mine, m.chunks),
                 encode_crcs(m.mine, m.chunks),
             )
+            blob = _enc.encode(rec)
+            if self._written.get(fp) == blob:
+                continue  # e.g. a re-join on revalidation: etcd has it already
             try:
-                await self._put(f"holdings/{fp}/{self.node_id}", _enc.encode(rec))
+                await self._put(f"holdings/{fp}/{self.node_id}", blob)
             except BaseException:
                 self._dirty.add(fp)
                 raise
+            self._written[fp] = blob
 
     def _apply(self, key: bytes, value: bytes, revision: int, *, deleted: bool) -> None:
         try:
@@ -341,9 +498,14 @@ class Cluster:
         node = parts[1]
         self.nodes.pop(node, None)  # deleted, or replaced: a bad record withdraws the old one
         if deleted:
+            if node == self.node_id:
+                self._info = None  # deleted behind our back: the publisher writes it again
+            if node in self._lingering:
+                return  # its lease expired in an outage: see _linger
             for m in self.models.values():
                 m.others.pop(node, None)
             return
+        self._lingering.pop(node, None)  # back: the ordinary rules again
         if len(value) > MAX_NODE_RECORD:
             raise ProtocolError(f"{len(value)} bytes, more than {MAX_NODE_RECORD}")
         info = _dec_node.decode(value)
@@ -354,9 +516,16 @@ class Cluster:
         if len(parts) != 3 or not parts[1] or not parts[2]:
             raise ProtocolError("not holdings/<model>/<node>")
         fp, node = parts[1], parts[2]
+        if node == self.node_id:
+            if deleted and self._written.pop(fp, None) is not None:
+                self._dirty.add(fp)  # deleted behind our back: write it again
+            return
+        if deleted and node in self._lingering:
+            return  # its lease expired in an outage: see _linger
         m = self.models.get(fp)
-        if m is None or node == self.node_id:
-            return  # not a model we joined (nothing to check it against), or our own
+        if m is None:  # not a model we joined (nothing to check it against): kept raw
+            self._stash_holding(fp, node, revision, None if deleted else value)
+            return
         if revision < m.revs.get(node, 0):
             return  # older than what we applied: a re-read that raced the watch
         m.revs[node] = revision
@@ -371,6 +540,19 @@ class Cluster:
         if rec.chunks != m.chunks:  # our own manifest says how many: the bound of the decode
             raise ProtocolError(f"{rec.chunks} chunks, the model has {m.chunks}")
         m.others[node] = (decode_bitmap(rec.held, m.chunks), decode_crcs(rec.crcs, m.chunks))
+
+    def _stash_holding(self, fp: str, node: str, revision: int, value: bytes | None) -> None:
+        held = self._stash.setdefault(fp, {})
+        old = held.pop(node, None)
+        if old is not None:
+            self._stash_bytes -= len(fp) + len(node) + len(old[1])
+        if value is not None and len(value) <= MAX_HOLDING_RECORD:
+            size = len(fp) + len(node) + len(value)
+            if self._stash_bytes + size <= STASH_MAX:
+                held[node] = (revision, value)
+                self._stash_bytes += size
+        if not held:
+            del self._stash[fp]
 
     def _reject(self, key: bytes, why: str) -> None:
         self.rejected_records += 1
@@ -390,7 +572,12 @@ class Cluster:
         existing = self.models.get(fp)
         if existing is None or existing.chunks != chunks:
             self.models[fp] = _Model(chunks)
-            # Holdings are decoded only for joined models: read those published already.
+            # Holdings are decoded only for joined models: those the watch brought are known
+            # now (even with etcd out); those published before we connected are read.
+            for node, (revision, value) in self._stash.pop(fp, {}).items():
+                self._stash_bytes -= len(fp) + len(node) + len(value)
+                key = self.prefix + f"holdings/{fp}/{node}".encode()
+                self._apply(key, value, revision, deleted=False)
             self._unread.add(fp)
             self._wake_reader.set()
         if manifest is not None and fp not in self._manifests_published:
@@ -427,18 +614,18 @@ class Cluster:
     def holders(self, fp: str, index: int) -> dict[str, int]:
         """Live nodes (not us) holding the chunk -> the CRC each published for it."""
         m = self.models.get(fp)
-        if m is None or not self.healthy:
+        if m is None or not self.view_usable:
             return {}
         return {
             node: crcs[index]
             for node, (held, crcs) in m.others.items()
-            if index in held and node in self.nodes
+            if index in held and (node in self.nodes or node in self._lingering)
         }
 
     def owner(self, fp: str, key: str) -> str:
         """The live, interested node that should fetch ``key`` from origin (us if unsure)."""
         m = self.models.get(fp)
-        if not self.healthy or m is None:
+        if not self.view_usable or m is None:
             return self.node_id
         own = self._node_info().capacity
         members = [(self.node_id, float(own))]
@@ -450,7 +637,7 @@ class Cluster:
         return owner(key, members) or self.node_id
 
     def address(self, node: str) -> str | None:
-        info = self.nodes.get(node)
+        info = self.nodes.get(node) or self._lingering.get(node)
         return info.address if info else None
 
     async def wait_change(self, timeout: float) -> bool:

@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .._crc import crc32
@@ -48,6 +49,8 @@ class ChunkTable:
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}
         self.rotten = 0  # chunks withheld because their bytes no longer match their CRC
+        # Called (from a server thread) with (version id, path) of a file with a rotten chunk.
+        self.on_rotten: Callable[[str, str], None] | None = None
 
     def add_file(self, model: str, path: str, fd: int) -> None:
         """Start serving a pool file; takes a duplicate of ``fd``."""
@@ -100,9 +103,12 @@ class ChunkTable:
                 os.close(fd)
                 with self._lock:
                     self.rotten += 1
-                    if (e := self._files.get((model, path))) is not None:
-                        e.chunks.pop(index, None)
-                log.error("%s chunk %d no longer matches its CRC: withheld from peers", path, index)
+                    e = self._files.get((model, path))
+                    if e is not None and e.chunks.get(index) is c:
+                        del e.chunks[index]
+                log.error("%s chunk %d no longer matches its CRC: withheld", path, index)
+                if self.on_rotten is not None:
+                    self.on_rotten(model, path)
                 return None
         return ServedChunk(fd, c.offset, c.length, c.crc, c.digest)
 

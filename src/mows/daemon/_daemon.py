@@ -27,6 +27,7 @@ from .._config import DaemonConfig
 from .._errors import AccessDeniedError, ConfigError, DaemonError, MowsError
 from ..cluster import NodeInfo
 from ..sources import Source, open_source
+from ..sources._local import LocalSource
 from ._api import LocalApi
 from ._chunks import ChunkTable
 from ._fetcher import ChunkFetcher, Counters
@@ -78,6 +79,7 @@ class Daemon:
             self.fetcher.peering = self.loads.peering = self.peering
             self.pool.last_copy = self.peering.is_last_copy
             self.pool.on_remove = self.peering.file_removed
+            self.chunks.on_rotten = self._rotten_threadsafe
             await self.peering.start(",".join(self.config.etcd))
             for v in list(self.pool.versions.values()):  # adopted: serve them to peers now
                 if not v.superseded:
@@ -198,10 +200,40 @@ class Daemon:
             f"({', '.join(self._roots) or 'none configured'})"
         )
 
+    def _rotten_threadsafe(self, vid: str, rel: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._rotten, vid, rel)
+
+    def _rotten(self, vid: str, rel: str) -> None:
+        """A file's bytes no longer match a chunk's CRC (memory gone bad since it was checked):
+        drop it so the next open fetches it again; if clients hold it now, stop serving it to
+        peers and drop it as soon as they let go (they were given it while it was good)."""
+        v = self.pool.versions.get(vid)
+        f = v.files.get(rel) if v is not None else None
+        if f is None:
+            return
+        self.counters.integrity_failures += 1
+        if f.locked:
+            log.error(
+                "%s/%s rotted in memory while clients hold it: dropped once released", vid, rel
+            )
+            if self.peering is not None:
+                self.peering.file_removed(f)
+            f.rotten = True
+            return
+        log.error("%s/%s rotted in memory: dropped, the next open fetches it again", vid, rel)
+        self.pool.discard(f)
+
     def source(self, location: str) -> Source:
         src = self._sources.get(location)
         if src is None:
-            src = self._sources[location] = open_source(location, **self.config.sources)
+            src = open_source(location, **self.config.sources)
+            if isinstance(src, LocalSource) and src.root != location:
+                # Authorized as its real path, resolved again now: a directory swapped for a
+                # symlink in between would anchor the source outside the allowed roots.
+                src.close()
+                raise AccessDeniedError(f"{location}: changed while being opened (a symlink)")
+            self._sources[location] = src
         return src
 
     # -- what the local API asks ---------------------------------------------------------------

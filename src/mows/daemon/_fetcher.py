@@ -6,12 +6,17 @@ workers of their own: queued behind origin reads they would wait for the origin,
 cluster would lose its pipelining. A peer that fails, stalls or sends bad bytes opens its
 breaker: it is skipped by every fetch for a while (longer each time it fails again) instead of
 each chunk remembering whom it tried.
+
+While etcd is out (the cluster ``degraded``), peers are still tried from the last view, but
+owners are not waited for (their progress cannot be seen) and origin reads of all loads on
+this node are capped at half the workers: chunks whose peers fail must not stampede the origin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import time
@@ -69,6 +74,7 @@ class FillTarget:
     running: set[concurrent.futures.Future[Any]] = field(default_factory=set)
     from_origin: int = 0  # bytes this fill got from the origin
     from_peers: int = 0
+    origin_only: bool = False  # peers' bytes failed this file's digest before: origin only
 
     async def drain(self) -> None:
         running = [f for f in self.running if not f.done()]
@@ -100,6 +106,7 @@ class ChunkFetcher:
         )
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._breakers: dict[str, _Breaker] = {}
+        self._degraded_origin = asyncio.Semaphore(max(1, config.workers // 2))
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -119,13 +126,14 @@ class ChunkFetcher:
         """One chunk into the target's mapping; returns its CRC-32 (checked against the
         holder's for peer bytes). ``wait_for_owner``: on a cold cluster, wait for the node
         that owns the chunk to fetch it rather than reading the origin ourselves."""
-        got = await self._from_peers(target, chunk, wait_for_owner)
+        got = None if target.origin_only else await self._from_peers(target, chunk, wait_for_owner)
         peering = self.peering is not None
         if got is None:
-            started = time.perf_counter()
-            crc, digest = await self._in_worker(
-                target, self._origin, _from_origin, target.source, target.fill, chunk, peering
-            )
+            async with self._origin_slot():
+                started = time.perf_counter()
+                crc, digest = await self._in_worker(
+                    target, self._origin, _from_origin, target.source, target.fill, chunk, peering
+                )
             self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
             self.counters.bytes_from_origin += chunk.length
             target.from_origin += chunk.length
@@ -134,6 +142,10 @@ class ChunkFetcher:
         if self.peering is not None:
             self.peering.held(target.version, chunk, crc, digest)
         return crc
+
+    def _origin_slot(self) -> contextlib.AbstractAsyncContextManager[object]:
+        degraded = self.peering is not None and self.peering.cluster.degraded
+        return self._degraded_origin if degraded else contextlib.nullcontext()
 
     async def _from_peers(
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
@@ -145,7 +157,7 @@ class ChunkFetcher:
         vid = target.version.id
         index = target.version.chunk_range(chunk.path)[chunk.index]
         deadline: float | None = None
-        while cluster.healthy:
+        while cluster.view_usable:
             now = time.monotonic()
             holders = {
                 n: c
@@ -162,7 +174,7 @@ class ChunkFetcher:
                 if got is not None:
                     return got
                 continue
-            if not wait_for_owner:
+            if not wait_for_owner or cluster.degraded:  # no owner's progress to see
                 return None
             owner = cluster.owner(vid, f"{vid}/{index}")
             if owner == cluster.node_id or not self._closed(owner, now):
@@ -210,7 +222,9 @@ class ChunkFetcher:
             return None
         finally:
             self._inflight[node] -= 1
-        self._breakers.pop(node, None)
+        b = self._breakers.get(node)
+        if b is not None and b.open_until <= time.monotonic():  # a quarantine runs its course
+            del self._breakers[node]
         self.metrics.fetch_seconds.labels("peers").observe(time.perf_counter() - started)
         self.counters.bytes_from_peers += chunk.length
         target.from_peers += chunk.length
@@ -223,8 +237,9 @@ class ChunkFetcher:
     def _trip(self, node: str, quarantine: bool = False) -> None:
         b = self._breakers.setdefault(node, _Breaker())
         b.failures += 1
-        wait = min(BREAKER_MAX, BREAKER_BASE * 2 ** (b.failures - 1))
-        b.open_until = time.monotonic() + (QUARANTINE if quarantine else wait)
+        wait = QUARANTINE if quarantine else min(BREAKER_MAX, BREAKER_BASE * 2 ** (b.failures - 1))
+        # Fetches run concurrently: a timeout seen after a quarantine must not shorten it.
+        b.open_until = max(b.open_until, time.monotonic() + wait)
 
     async def _in_worker(
         self,

@@ -32,6 +32,7 @@ from .._errors import (
     SourceNotFoundError,
 )
 from ..manifest import MAX_CRC32_FILE_BYTES, MAX_SHA256_FILE_BYTES, Manifest, build_manifest
+from ..manifest._model import choose_chunk_size
 from ..pool import FileState, Pool, PoolFile, Version, index_file
 from ..sources import Source
 from ..sources._local import LocalSource
@@ -100,6 +101,7 @@ class LoadService:
         self.prefetch_writes: dict[PoolFile, asyncio.Task[None]] = {}  # set by the prefetcher
         # Revalidation and header parsing: never queued behind a big load's chunk reads.
         self._meta = ThreadPoolExecutor(2, thread_name_prefix="mows-meta")
+        self._peers_failed: set[tuple[str, str]] = set()  # (version, file) refilled from origin
         # SHA-256 of files being filled: one sequential stream per file, as many as readers.
         self.digest_executor = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-sha")
         self.foreground = 0  # opens in progress: prefetch pauses while there are any
@@ -380,6 +382,7 @@ class LoadService:
             fd = self.pool.open_partial(f)
             try:
                 target = FillTarget(source, v, FileFill(fd, f.size))
+                target.origin_only = (v.id, f.rel) in self._peers_failed
             except BaseException:
                 os.close(fd)
                 raise
@@ -412,12 +415,15 @@ class LoadService:
                     check_digest(f, await follower.digest(), source_name)
             except IntegrityError:
                 self.counters.integrity_failures += 1
+                if stats.from_peers:  # members sent bytes that passed their checks but not
+                    self._peers_failed.add((v.id, f.rel))  # the origin's: origin next time
                 raise
             if f.entry.crc32 is None and stats.from_origin:
                 await self._check_unlisted(source, f)  # not rewritten while we read it
             index = await asyncio.get_running_loop().run_in_executor(self._meta, index_file, f)
             target.fill.close()
             self.pool.commit(f, crcs, actual)
+            self._peers_failed.discard((v.id, f.rel))
             if index is not None:
                 v.index[f.rel] = index
             return stats
@@ -481,7 +487,14 @@ def check_origin(
     crc_rel = (known.crc32_file if known is not None else None) or config.crc32_file
     blob = _read_optional(source, crc_rel, MAX_CRC32_FILE_BYTES)
     crc_digest = hashlib.sha256(blob).hexdigest() if blob is not None else ""
-    unchanged = known is not None and blob is not None and crc_digest == digest.split("+")[0]
+    unchanged = (
+        known is not None
+        and blob is not None
+        and crc_digest == digest.split("+")[0]
+        # A version planned at another chunk size (the old fixed default, or --chunk-size
+        # changed) is planned again: a cluster's nodes must agree on the version id.
+        and known.chunk_size == choose_chunk_size(known.total_bytes, config.chunk_size)
+    )
     if unchanged and _unlisted_unchanged(source, known):  # type: ignore[arg-type]
         return None, digest
     sha_rel = config.sha256_file

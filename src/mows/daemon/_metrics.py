@@ -115,6 +115,11 @@ class _StatusCollector(Collector):
             "1 while the cluster directory (etcd) is reachable.",
             value=1 if cluster.get("healthy") else 0,
         )
+        yield GaugeMetricFamily(
+            "mows_etcd_degraded",
+            "1 while etcd is unreachable and peers are tried from the last directory view.",
+            value=1 if cluster.get("degraded") else 0,
+        )
         yield CounterMetricFamily(
             "mows_etcd_errors",
             "etcd failures (each starts a reconnect).",

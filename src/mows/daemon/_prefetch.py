@@ -108,7 +108,7 @@ class Prefetcher:
                 seen, since = now, time.monotonic()
 
     def _mine(self, v: Version, chunk: Chunk, share: bool) -> bool:
-        if not share or self.peering is None or not self.peering.cluster.healthy:
+        if not share or self.peering is None or not self.peering.cluster.view_usable:
             return True
         cluster = self.peering.cluster
         index = v.chunk_range(chunk.path)[chunk.index]

@@ -130,6 +130,8 @@ def _cluster(d: Daemon) -> dict[str, object] | None:
         "name": cl.name,
         "node_id": cl.node_id,
         "healthy": cl.healthy,
+        "degraded": cl.degraded,
+        "degraded_seconds": round(cl.degraded_seconds, 1),
         "etcd": list(cl.endpoints),
         "etcd_errors": cl.etcd_errors,
         "etcd_last_error": cl.last_error,

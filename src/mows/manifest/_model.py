@@ -14,6 +14,10 @@ from ._safetensors import SafetensorsIndex, read_safetensors_index
 from ._shafile import MAX_SHA256_FILE_BYTES, hf_blob_digest, parse_sha256
 
 __all__ = [
+    "AUTO_CHUNK_MAX",
+    "AUTO_CHUNK_MIN",
+    "AUTO_CHUNK_SIZE",
+    "AUTO_CHUNK_TARGET",
     "DEFAULT_CHUNK_SIZE",
     "Chunk",
     "FileEntry",
@@ -21,12 +25,31 @@ __all__ = [
     "Manifest",
     "ManifestSource",
     "build_manifest",
+    "choose_chunk_size",
     "chunk_count",
     "chunk_plan",
     "version_id",
 ]
 
-DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+# Chunk size: ``AUTO_CHUNK_SIZE`` (0) lets each model's size choose it (``choose_chunk_size``);
+# any positive value is used as given (``--chunk-size``). Auto is the default.
+AUTO_CHUNK_SIZE = 0
+DEFAULT_CHUNK_SIZE = AUTO_CHUNK_SIZE
+# Auto rule: the largest power of two <= total / AUTO_CHUNK_TARGET, within [MIN, MAX].
+# Why: a chunk is the unit of pipelining and of sharing. A cold cluster of N nodes splits a
+# model's chunks among owners (one origin read each) and forwards each as soon as it landed,
+# so a node's share of the serving is its share of the chunks: with 4 chunks of 64 MiB (a
+# 256 MiB model at the old fixed size) one of 8 nodes served 3.5 copies, and a few big chunks
+# leave the last transfers in the tail. ~256 chunks give 8 nodes ~32 each, 64 nodes ~4; peer
+# swarms size pieces from the content length the same way (BitTorrent clients aim at 1-2
+# thousand pieces). MIN 1 MiB: each chunk costs daemon CPU (a task, a peer request and its
+# header, CRC-32 and BLAKE3 calls, directory bookkeeping) and 4 bytes + 1 bit of every
+# node's etcd holdings record; on bench/cluster.py (8 daemons on 2 cores) 512 KiB and 256 KiB
+# chunks loaded 1.1-1.5x slower than 1 MiB. MAX 64 MiB, the old fixed size: models from
+# 16 GiB keep their plans and version ids, and 1 TiB stays at 16K chunks (64 KiB records).
+AUTO_CHUNK_TARGET = 256
+AUTO_CHUNK_MIN = 1 << 20
+AUTO_CHUNK_MAX = 64 << 20
 
 
 class FileStat(msgspec.Struct, frozen=True):
@@ -86,6 +109,20 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
+def choose_chunk_size(total_bytes: int, requested: int = AUTO_CHUNK_SIZE) -> int:
+    """The chunk size of a model of ``total_bytes``: ``requested`` when positive (an explicit
+    ``--chunk-size``), else the largest power of two <= total / AUTO_CHUNK_TARGET, clamped
+    to [AUTO_CHUNK_MIN, AUTO_CHUNK_MAX]. Every node computes it from the same listing, so
+    nodes agree on it (it is part of the version id)."""
+    if requested > 0:
+        return requested
+    if requested < 0:
+        raise ValueError("chunk_size must be positive, or 0 for auto")
+    per_chunk = max(total_bytes, 0) // AUTO_CHUNK_TARGET
+    size = 1 << max(per_chunk.bit_length() - 1, 0)  # largest power of two <= per_chunk
+    return min(max(size, AUTO_CHUNK_MIN), AUTO_CHUNK_MAX)
+
+
 def version_id(manifest: Manifest) -> str:
     """A model version's identity: what its bytes are, never where or when they were read.
 
@@ -132,7 +169,7 @@ class ManifestSource(Protocol):
 def build_manifest(
     source: ManifestSource,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = AUTO_CHUNK_SIZE,
     crc32_file: str | None = "crc32.txt",
     require_crc32_file: bool = False,
     index_tensors: bool = True,
@@ -146,8 +183,10 @@ def build_manifest(
     ``crc32_file`` and ``sha256_file`` are relative to the model root; a missing file is
     fine unless ``require_crc32_file``. ``*_data`` are the bytes the caller read (and
     digested) already; else the files are read if listed. Entries naming files that do not
-    exist are an error. ``local_root``: the model's directory when the source is local, where
-    Hugging Face snapshot links give digests to files the sha256 file does not list.
+    exist are an error. ``chunk_size``: 0 (auto) chooses it from the model's total size
+    (``choose_chunk_size``); a positive value is used as given. ``local_root``: the model's
+    directory when the source is local, where Hugging Face snapshot links give digests to
+    files the sha256 file does not list.
     """
     stats = sorted(source.list_files(), key=lambda s: s.path)
     present = {s.path for s in stats}
@@ -185,7 +224,7 @@ def build_manifest(
     unlisted = tuple(f.path for f in files if f.crc32 is None) if crc_found else ()
     return Manifest(
         source.url,
-        chunk_size,
+        choose_chunk_size(sum(f.size for f in files), chunk_size),
         tuple(files),
         crc_found[0] if crc_found else None,
         unlisted,

@@ -24,6 +24,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
@@ -37,6 +38,7 @@ __all__ = ["LocationRecord", "Pool", "index_file"]
 log = logging.getLogger("mows.pool")
 
 VERSION_META = ".mows-version.json"
+ADOPT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 LOCATIONS = ".mows-locations.json"
 META_FORMAT = 2
 _VID = re.compile(r"[0-9a-f]{24}")
@@ -137,6 +139,8 @@ class Pool:
                 f.pins = max(0, f.pins - 1)
             if consumed:
                 f.last_used = -1.0
+            if f.rotten and not f.locked:
+                self._remove(f)
         self._changed()
 
     # -- admission, reservation and eviction ---------------------------------------------------
@@ -389,9 +393,23 @@ class Pool:
                 _remove_path(vdir)
                 continue
             v = Version(meta.manifest, name, self.root)
-            for rel, info in meta.files.items():
+            files = list(meta.files.items())
+            # Files re-verify in parallel (hashing releases the GIL): a large pool must not
+            # hold the socket closed for one core's worth of SHA-256 over every byte.
+            with ThreadPoolExecutor(ADOPT_WORKERS, thread_name_prefix="mows-adopt") as ex:
+                ok = list(
+                    ex.map(
+                        self._verify_file,
+                        [v] * len(files),
+                        [rel for rel, _ in files],
+                        [os.path.join(vdir, rel) for rel, _ in files],
+                        [info for _, info in files],
+                        [verify] * len(files),
+                    )
+                )
+            for (rel, info), good in zip(files, ok, strict=True):
                 path = os.path.join(vdir, rel)
-                if not v.has(rel) or not self._verify_file(v, rel, path, info, verify):
+                if not good:
                     log.warning("pool file %s failed re-verification; removing it", path)
                     continue
                 f = PoolFile(
@@ -437,6 +455,8 @@ class Pool:
         info: _FileMeta,
         verify: Verify,
     ) -> bool:
+        if not v.has(rel):
+            return False
         entry = v.entry(rel)
         chunks = v.chunks(rel)
         try:

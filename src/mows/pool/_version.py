@@ -48,6 +48,7 @@ class PoolFile:
     transient_pins: int = 0  # holds that end by themselves (loads, streaming, prefetch)
     last_used: float = 0.0
     filled_bytes: int = 0  # progress of a fill
+    rotten: bool = False  # its bytes went bad in memory: dropped once nobody holds it
 
     @property
     def rel(self) -> str:

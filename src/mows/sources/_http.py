@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError
+from urllib3.util import parse_url
 
 from .._errors import SourceError, SourceNotFoundError
 from ..manifest import FileStat, check_relative_path, parse_crc32
@@ -36,6 +37,13 @@ def _origin(url: str) -> tuple[str, str, int]:
     u = urlsplit(url)
     scheme = u.scheme.lower()
     return scheme, u.hostname or "", u.port or _DEFAULT_PORT.get(scheme, 0)
+
+
+def _origin3(url: str) -> tuple[str, str, int]:
+    """The same as urllib3 parses it (the parser that connects)."""
+    u = parse_url(url)
+    scheme = (u.scheme or "").lower()
+    return scheme, (u.host or "").lower(), u.port or _DEFAULT_PORT.get(scheme, 0)
 
 
 class HttpSource(Source):
@@ -117,8 +125,15 @@ class HttpSource(Source):
         raise SourceError(self.url, path, f"more than {MAX_REDIRECTS} redirects")
 
     def _check_redirect(self, target: str, path: str) -> str:
+        # urllib and urllib3 split some URLs differently ("http://evil\\@good/": urllib
+        # sees host good, urllib3 connects to evil): refuse what they could disagree on.
+        authority = urlsplit(target).netloc
+        if "\\" in target or "@" in authority or any(ord(c) < 0x21 for c in target):
+            raise SourceError(self.url, path, f"refused a redirect to an ambiguous URL {target!r}")
         try:
             origin = _origin(target)
+            if origin != _origin3(target):
+                raise ValueError("URL parsers disagree")
         except ValueError:
             raise SourceError(self.url, path, f"redirect to a malformed URL {target!r}") from None
         if origin != self._origin:

@@ -216,10 +216,9 @@ def _send_encrypted(conn: socket.socket, chunk: ServedChunk, channel: Channel) -
         out = memoryview(buf)
         try:
             for at in range(0, chunk.length, CIPHER_SLICE):
-                part = view[at : at + CIPHER_SLICE]
-                n = cipher.update_into(part, out)
+                with view[at : at + CIPHER_SLICE] as part:  # released even if sendall fails
+                    n = cipher.update_into(part, out)
                 conn.sendall(out[:n])
-                part.release()
         finally:
             out.release()
             view.release()

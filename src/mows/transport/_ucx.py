@@ -178,7 +178,9 @@ class UcxPeerServer(PeerServer):
                 await ep.close()
 
     async def _send_chunk(self, ep: Any, channel: Channel, req: ChunkRequest, client: str) -> None:
-        chunk = self._store.open_chunk(req.model, req.path, req.index)
+        # Hashing and ciphers run off the loop: it carries every UCX transfer of the process.
+        run = asyncio.get_running_loop().run_in_executor
+        chunk = await run(None, self._store.open_chunk, req.model, req.path, req.index)
         if chunk is None:
             await _send(ep, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
             return
@@ -190,7 +192,8 @@ class UcxPeerServer(PeerServer):
                 try:
                     if channel.encrypted:  # into a copy: the pool's pages are never written
                         out = bytearray(chunk.length)
-                        channel.chunk_cipher(sending=True).update_into(view, out)
+                        cipher = channel.chunk_cipher(sending=True)
+                        await run(None, cipher.update_into, view, out)
                         await ep.send(out)
                     else:
                         await ep.send(view)
@@ -232,10 +235,22 @@ class UcxPeerClient(PeerClient):
         expected_crc: int | None,
         node: str | None = None,
     ) -> Received:
-        coro = self._fetch(address, model, path, index, dest, expected_crc, node)
+        ended = threading.Event()
+
+        async def guarded() -> Received:
+            try:
+                return await self._fetch(address, model, path, index, dest, expected_crc, node)
+            finally:
+                ended.set()
+
+        fut = asyncio.run_coroutine_threadsafe(guarded(), self._loop.loop)
         try:
-            return self._loop.run(coro, self._timeout * 3)
+            return fut.result(self._timeout * 3)
         except TimeoutError:
+            # Cancel it and wait for it to end: a transfer left running could write into
+            # ``dest`` after the caller refilled it from elsewhere and checked it.
+            fut.cancel()
+            ended.wait(self._timeout)
             raise PeerError(address, f"stalled for {self._timeout * 3:.0f}s") from None
 
     async def _connect(self, address: str, node: str | None) -> tuple[Any, Channel, str]:
@@ -256,6 +271,7 @@ class UcxPeerClient(PeerClient):
         expected_crc: int | None,
         node: str | None,
     ) -> Received:
+        run = asyncio.get_running_loop().run_in_executor  # checks off the UCX loop
         slots = self._slots.setdefault(address, asyncio.Semaphore(self._max))
         async with slots:
             conn = self._idle[address].pop() if self._idle[address] else None
@@ -275,8 +291,11 @@ class UcxPeerClient(PeerClient):
                     raise PeerError(address, f"unexpected reply {header!r}")
                 await asyncio.wait_for(ep.recv(dest), self._timeout)
                 if channel.encrypted:
-                    channel.chunk_cipher(sending=False).update_into(dest, dest)
-                received = verify_chunk(address, path, index, dest, expected_crc, header)
+                    cipher = channel.chunk_cipher(sending=False)
+                    await run(None, cipher.update_into, dest, dest)
+                received: Received = await run(
+                    None, verify_chunk, address, path, index, dest, expected_crc, header
+                )
                 ok = True
                 return received
             except PeerError:

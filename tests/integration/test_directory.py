@@ -1,0 +1,170 @@
+"""The cluster directory at scale, with a real etcd and real daemons: an idle cluster writes
+nothing to etcd, and an etcd outage degrades to the last view instead of sending every load to
+the origin."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mows
+from tests.daemons import (
+    DaemonProcess,
+    TcpProxy,
+    etcd_metric,
+    load_in_parallel,
+    make_random_model,
+)
+from tests.integration.test_cluster import FAST, start_nodes
+from tests.integration.test_daemon import _wait, assert_same_as_files
+
+PUTS = "etcd_mvcc_put_total"
+
+
+def _puts_over(etcd: Any, seconds: float) -> int:
+    before = etcd_metric(etcd, PUTS)
+    time.sleep(seconds)
+    return int(etcd_metric(etcd, PUTS) - before)
+
+
+def _sees_settled(observer: DaemonProcess, holder: DaemonProcess, nbytes: int) -> None:
+    """Wait until ``observer`` has ``holder``'s final NodeInfo: it is written after the
+    holding (counters settle last), so the holding is known too."""
+
+    def seen() -> bool:
+        nodes = observer.status()["cluster"]["nodes"]
+        me = holder.status()["cluster"]["node_id"]
+        return any(n["id"] == me and n["bytes_from_origin"] == nbytes for n in nodes)
+
+    _wait(seen, timeout=15)
+
+
+def _reconnected(*nodes: DaemonProcess) -> None:
+    def connected() -> bool:
+        clusters = [d.status()["cluster"] for d in nodes]
+        return all(c["healthy"] and len(c["nodes"]) == len(nodes) for c in clusters)
+
+    _wait(connected, timeout=30)
+
+
+def test_idle_cluster_writes_nothing(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    model = make_random_model(tmp_path / "m", 16, files=2)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    time.sleep(2)  # both registered: let the start settle
+    idle = _puts_over(etcd, 10)
+    assert idle == 0, f"{idle} puts in 10 s from an idle cluster"
+    before = etcd_metric(etcd, PUTS)
+    load_in_parallel([(a.socket, model)])
+    load_in_parallel([(b.socket, model)])  # from A
+    time.sleep(3)  # holdings flush at once, node counters once they settle
+    during = int(etcd_metric(etcd, PUTS) - before)
+    assert during > 0
+    after = _puts_over(etcd, 10)
+    assert after == 0, f"{after} puts in the 10 s after the loads ({during} for them)"
+    print(f"puts: idle {idle}/10s, loads {during}, after {after}/10s")
+
+
+def test_etcd_outage_keeps_the_view(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    model = make_random_model(tmp_path / "m", 16, files=2)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_in_parallel([(a.socket, model)])
+    size = a.status()["models"][0]["bytes"]
+    _sees_settled(b, a, size)
+    etcd.stop()
+    _wait(lambda: b.status()["cluster"]["degraded"], timeout=15)
+    # B never loaded this model: it knows A's holding from the watch, and gets it all from A.
+    with mows.open_model(model, socket=b.socket, fallback=False) as h:
+        assert h.stats["bytes_from_origin"] == 0
+        assert h.stats["bytes_from_peers"] == h.stats["bytes"] == size
+        assert_same_as_files(h.state_dict(), model)
+    cl = b.status()["cluster"]
+    assert cl["degraded"] and not cl["healthy"] and cl["degraded_seconds"] > 0
+    assert len(cl["nodes"]) == 2  # the last view, kept
+    # Past the grace (15 s here) the view is dropped: loads use the origin, as without a view.
+    _wait(lambda: not b.status()["cluster"]["degraded"], timeout=30)
+    cl = b.status()["cluster"]
+    assert not cl["healthy"] and [n["id"] for n in cl["nodes"]] == [cl["node_id"]]
+    etcd.start()
+    _reconnected(a, b)
+    assert not b.status()["cluster"]["degraded"]
+
+
+def test_etcd_hiccup_during_a_load(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
+    """etcd freezes (SIGSTOP) for 3 s as B's load begins: B cannot read the directory (it
+    knows A's holding from the watch) nor publish, and still gets everything from A."""
+    model = make_random_model(tmp_path / "m", 96, files=2)
+    a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
+    load_in_parallel([(a.socket, model)])
+    _sees_settled(b, a, a.status()["models"][0]["bytes"])
+    assert etcd.proc is not None
+    etcd.proc.send_signal(signal.SIGSTOP)
+    thaw = threading.Timer(3, etcd.proc.send_signal, (signal.SIGCONT,))
+    thaw.start()
+    try:
+        with mows.open_model(model, socket=b.socket, fallback=False) as h:
+            assert h.stats["bytes_from_origin"] == 0
+            assert h.stats["bytes_from_peers"] == h.stats["bytes"]
+    finally:
+        thaw.join()
+    _reconnected(a, b)
+    assert b.status()["bytes_from_origin"] == 0
+    assert_same_as_files(mows.load_state_dict(model, socket=b.socket, fallback=False), model)
+
+
+def test_peers_expired_in_an_outage_are_still_tried(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """etcd freezes past the lease TTL: every lease expires. B reconnects first (A's network
+    to etcd stays cut), so A is missing from B's new view; until A re-registers B still tries
+    it as a holder of what it held, instead of reading the origin."""
+    model = make_random_model(tmp_path / "m", 16, files=2)
+    proxy = TcpProxy(etcd.client_port)
+    try:
+        endpoint = f"http://127.0.0.1:{proxy.port}"
+        a = daemon_factory(roots=[tmp_path], extra=["--etcd", endpoint, "--cluster", "t", *FAST])
+        b = start_nodes(daemon_factory, etcd, tmp_path, 1)[0]
+        _wait(lambda: len(b.status()["cluster"]["nodes"]) == 2, timeout=15)
+        load_in_parallel([(a.socket, model)])
+        _sees_settled(b, a, a.status()["models"][0]["bytes"])
+        assert etcd.proc is not None
+        etcd.proc.send_signal(signal.SIGSTOP)
+        proxy.cut()
+        time.sleep(3)  # past the 2 s TTL
+        etcd.proc.send_signal(signal.SIGCONT)
+        _wait(lambda: b.status()["cluster"]["healthy"], timeout=30)
+        _wait(lambda: len(b.status()["cluster"]["nodes"]) == 1, timeout=15)  # A expired
+        with mows.open_model(model, socket=b.socket, fallback=False) as h:
+            assert h.stats["bytes_from_origin"] == 0
+            assert h.stats["bytes_from_peers"] == h.stats["bytes"]
+        proxy.restore()
+        _reconnected(a, b)
+    finally:
+        proxy.close()
+
+
+def test_holdings_seen_before_a_join_are_known_at_once() -> None:
+    """Holdings of a model not joined are kept raw as the watch brings them: a later join
+    (with etcd out, say) knows the holders without asking etcd; deleted ones are forgotten."""
+    from mows.cluster import Cluster, Holding, NodeInfo
+    from mows.cluster._bitmap import encode_bitmap, encode_crcs
+    from mows.cluster._directory import _enc
+
+    c = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 100))
+    c.healthy = True
+
+    def put(key: str, value: bytes, deleted: bool = False) -> None:
+        c._apply(c.prefix + key.encode(), value, 1, deleted=deleted)
+
+    held = {1: 0x1234, 2: 0x5678}
+    for node in ("peer", "gone"):
+        put(f"nodes/{node}", _enc.encode(NodeInfo(node, "127.0.0.1:2", 100)))
+        rec = Holding(node, 4, encode_bitmap(held, 4), encode_crcs(held, 4))
+        put(f"holdings/fp/{node}", _enc.encode(rec))
+    put("holdings/fp/gone", b"", deleted=True)
+    c.join("fp", 4)
+    assert c.holders("fp", 1) == {"peer": 0x1234} and c.holders("fp", 0) == {}
+    c.healthy, c.degraded = False, True  # etcd lost: the view is kept
+    assert c.view_usable and c.holders("fp", 2) == {"peer": 0x5678}
