@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,6 +52,19 @@ def make_model(path: Path, mib: int, files: int = 4, tensors: int = 32) -> Path:
         save_file(data, str(path / f"model-{i:05d}-of-{files:05d}.safetensors"))
     subprocess.run([sys.executable, "-m", "mows", "crc32", "generate", str(path)], check=True)
     return path
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def size_of(path: Path) -> int:
@@ -212,23 +227,28 @@ def main() -> None:
         # (a) cold fill vs cp into /dev/shm
         sock_dir = base / "sock"
         sock_dir.mkdir()
-        t_cp, t_mows = [], []
+        t_cp, t_mows, cpu_cp, cpu_mows = [], [], [], []
+        gib = size_of(m_cold) / 2**30
         for _ in range(repeat):
             dst = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="mows-bench-cp-"))
             files = [str(f) for f in sorted(m_cold.glob("*.safetensors"))]
+            before = children_cpu()
             t = time.perf_counter()
             subprocess.run(["cp", *files, str(dst)], check=True)
             t_cp.append(time.perf_counter() - t)
+            cpu_cp.append((children_cpu() - before) / gib)
             shutil.rmtree(dst)
             time.sleep(1)
             d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
             try:
+                assert d.proc is not None
+                before = process_cpu(d.proc.pid)
                 summary = mows_load(d.socket, m_cold)
+                cpu_mows.append((process_cpu(d.proc.pid) - before) / gib)
                 t_mows.append(summary["seconds"])
             finally:
                 d.stop()
             time.sleep(1)
-        gib = size_of(m_cold) / 2**30
         results["a_cold"] = {
             "bytes": size_of(m_cold),
             "cp_s": t_cp,
@@ -236,6 +256,9 @@ def main() -> None:
             "cp_gib_s": gib / median(t_cp),
             "mows_gib_s": gib / median(t_mows),
             "ratio": median(t_cp) / median(t_mows),
+            "cp_cpu_s_per_gib": cpu_cp,
+            "mows_cpu_s_per_gib": cpu_mows,
+            "cpu_ratio": median(cpu_mows) / median(cpu_cp),
         }
 
         # (b)-(d) on one warm daemon
@@ -290,15 +313,15 @@ def main() -> None:
             "(a) cold fill, cp -> /dev/shm",
             f"{a['bytes'] // mib} MiB",
             median(a["cp_s"]),
-            f"{a['cp_gib_s']:.2f} GiB/s",
+            f"{a['cp_gib_s']:.2f} GiB/s, {median(a['cp_cpu_s_per_gib']):.2f} CPU-s/GiB",
             "",
         ],
         [
             "(a) cold fill, mows daemon",
             f"{a['bytes'] // mib} MiB",
             median(a["mows_s"]),
-            f"{a['mows_gib_s']:.2f} GiB/s",
-            f"{a['ratio']:.2f}x cp (>= 0.8)",
+            f"{a['mows_gib_s']:.2f} GiB/s, {median(a['mows_cpu_s_per_gib']):.2f} CPU-s/GiB",
+            f"{a['ratio']:.2f}x cp (>= 0.8); CPU {a['cpu_ratio']:.2f}x cp (<= 1.5)",
         ],
         ["(b) warm open, mows", f"{bs['bytes'] // mib} MiB", median(bs["warm_s"]), "", ""],
         [
