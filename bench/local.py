@@ -239,7 +239,9 @@ def main() -> None:
             cpu_cp.append((children_cpu() - before) / gib)
             shutil.rmtree(dst)
             time.sleep(1)
-            d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
+            d = DaemonProcess(
+                sock_dir, roots=[base], max_memory="8GiB", extra=["--chunk-size", "auto"]
+            ).start()
             try:
                 assert d.proc is not None
                 before = process_cpu(d.proc.pid)

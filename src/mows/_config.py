@@ -28,6 +28,7 @@ __all__ = [
 
 DEFAULT_SOCKET = "/run/mows/mows.sock"
 DEFAULT_POOL_DIR = "/dev/shm/mows"
+SINGLE_NODE_CHUNK_SIZE = 64 * 2**20
 
 _UNITS = {
     "": 2**30,  # a bare number is GB, as on the product page (binary: GiB)
@@ -165,6 +166,15 @@ class DaemonConfig:
         if len(secret) < 16:
             raise ConfigError("cluster_secret_file: the secret must be at least 16 bytes")
         return secret
+
+    @property
+    def model_chunk_size(self) -> int:
+        """The chunk size each model's manifest is built with: as set, else by default 64 MiB
+        on a single node (fewest origin requests: a range GET each) and auto in a cluster
+        (model size / 256 within 1-64 MiB: small enough for chunks to pipeline between nodes)."""
+        if self.chunk_size:
+            return self.chunk_size
+        return 0 if self.etcd else SINGLE_NODE_CHUNK_SIZE
 
     @property
     def roots(self) -> tuple[str, ...]:

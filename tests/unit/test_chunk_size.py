@@ -176,7 +176,9 @@ def test_a_version_of_another_chunk_size_is_planned_again(tmp_path: Path) -> Non
     64 MiB default) gets a new manifest, so that nodes agree on its version id."""
     model = _model(tmp_path / "m", 64 * KiB)
     old = load_daemon_config({"max_memory": "1GiB", "chunk_size": "64"}, env={})
-    auto = load_daemon_config({"max_memory": "1GiB"}, env={})
+    auto = load_daemon_config(  # a cluster node: auto plans by model size
+        {"max_memory": "1GiB", "etcd": "http://127.0.0.1:2379"}, env={}
+    )
     with open_source(model) as src:
         known, digest = check_origin(src, None, "", old)
         assert known is not None and known.chunk_size == 64 * MiB

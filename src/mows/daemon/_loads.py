@@ -493,7 +493,7 @@ def check_origin(
         and crc_digest == digest.split("+")[0]
         # A version planned at another chunk size (the old fixed default, or --chunk-size
         # changed) is planned again: a cluster's nodes must agree on the version id.
-        and known.chunk_size == choose_chunk_size(known.total_bytes, config.chunk_size)
+        and known.chunk_size == choose_chunk_size(known.total_bytes, config.model_chunk_size)
     )
     if unchanged and _unlisted_unchanged(source, known):  # type: ignore[arg-type]
         return None, digest
@@ -504,7 +504,7 @@ def check_origin(
         new_digest += "+" + hashlib.sha256(sha_blob).hexdigest()
     manifest = build_manifest(
         source,
-        chunk_size=config.chunk_size,
+        chunk_size=config.model_chunk_size,
         crc32_file=config.crc32_file,
         index_tensors=False,
         crc32_data=blob if crc_rel == config.crc32_file else None,
