@@ -262,3 +262,18 @@ def test_eviction_keeps_the_clusters_last_copies(
     x_bytes = sum(f.stat().st_size for f in x.iterdir())
     assert st["evictions"] >= 1 and 0 < st["evicted_bytes"] <= x_bytes
     assert st["evicted_last_copy_bytes"] == 0
+
+
+def test_cold_load_origin_reads_follow_the_bounded_owner_table(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """Each chunk is read from the origin by its owner in the bounded-load table: no node
+    reads much more than its share (plain rendezvous: up to ~1.4x on so few chunks)."""
+    model = make_random_model(tmp_path / "m", 64, files=4)
+    nodes = start_nodes(daemon_factory, etcd, tmp_path, 4)
+    load_all(nodes, model)
+    statuses = [d.status() for d in nodes]
+    size = statuses[0]["models"][0]["bytes"]
+    origin = [s["bytes_from_origin"] for s in statuses]
+    assert sum(origin) <= 1.05 * size, origin
+    assert max(origin) <= 1.2 * size / 4 + (1 << 20), origin  # + one 1 MiB chunk

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mows import ProtocolError
-from mows.cluster import owner
+from mows.cluster import Cluster, owner
 from mows.cluster._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
+from mows.cluster._placement import owner_table
 
 KEYS = [f"model/{i}" for i in range(6000)]
 
@@ -84,3 +87,127 @@ def test_min_copies_counts_only_the_range() -> None:
     assert cl.min_copies("fp", 3, 6) == 0
     del cl.nodes["peer"]  # a dead node's chunks do not count
     assert cl.min_copies("fp", 1, 3) == 1
+
+
+# -- the bounded-load owner table ---------------------------------------------------------------
+def _moved(before: list[tuple[str, float]], after: list[tuple[str, float]], n: int) -> int:
+    a, b = owner_table("v", n, before), owner_table("v", n, after)
+    return sum(x != y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("nodes", [8, 30])  # every node a candidate; the ring's K candidates
+def test_table_is_deterministic_and_bounded(nodes: int) -> None:
+    members = [(f"n{i}", 1.0) for i in range(nodes)]
+    chunks = 257 if nodes == 8 else 3000
+    table = owner_table("v", chunks, members)
+    assert table == owner_table("v", chunks, list(reversed(members)))
+    assert table == owner_table("v", chunks, [*members, ("zero", 0.0)])  # weight 0: not a member
+    counts = collections.Counter(table)
+    assert len(table) == chunks and set(counts) == {n for n, _ in members}
+    assert max(counts.values()) / (chunks / nodes) <= 1.1
+    plain = collections.Counter(owner(f"v/{i}", members) for i in range(chunks))
+    assert max(plain.values()) > max(counts.values())
+
+
+def test_table_keeps_plain_owners_while_under_the_bound() -> None:
+    members = [(f"n{i}", 1.0) for i in range(8)]
+    table = owner_table("v", 257, members)
+    same = sum(table[i] == owner(f"v/{i}", members) for i in range(257))
+    assert same >= 0.85 * 257  # only the overflow of the busiest nodes moves
+
+
+@pytest.mark.parametrize("nodes", [6, 40])
+def test_table_follows_weights(nodes: int) -> None:
+    members = [(f"n{i}", float(1 + i % 4)) for i in range(nodes)]
+    chunks = 257 if nodes <= 8 else 8000
+    counts = collections.Counter(owner_table("v", chunks, members))
+    total = sum(w for _, w in members)
+    for node, w in members:
+        share = chunks * w / total
+        assert counts[node] <= math.ceil(1.05 * share)
+        assert counts[node] >= 0.7 * share, (node, counts[node], share)
+
+
+def test_table_join_and_leave_move_few() -> None:
+    """Measured (three versions): 8 -> 9 nodes moves 55-60 of 257 chunks (plain rendezvous
+    24-34, ideal 29); 100 -> 101 moves 231-269 of 11,000 (plain 101-118, ideal 109)."""
+    before = [(f"n{i}", 1.0) for i in range(8)]
+    joined = _moved(before, [*before, ("n8", 1.0)], 257)
+    left = _moved(before, before[1:], 257)
+    assert joined <= 2.5 * 257 / 9 and left <= 2.5 * 257 / 8
+    many = [(f"n{i}", 1.0) for i in range(100)]
+    assert _moved(many, [*many, ("new", 1.0)], 11000) <= 3 * 11000 / 101
+
+
+def test_table_edges() -> None:
+    assert owner_table("v", 10, []) == [] and owner_table("v", 0, [("a", 1.0)]) == []
+    assert owner_table("v", 5, [("a", 1.0)]) == ["a"] * 5
+    assert set(owner_table("v", 3, [(f"n{i}", 1.0) for i in range(50)])) <= {
+        f"n{i}" for i in range(50)
+    }
+
+
+def _cluster_with_peers(peers: int, chunks: int) -> Cluster:
+    from mows.cluster import NodeInfo
+
+    cl = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 100))
+    cl.healthy = True
+    cl.join("fp", chunks)
+    for i in range(peers):
+        cl.nodes[f"p{i}"] = NodeInfo(f"p{i}", "127.0.0.1:2", 100)
+        cl.models["fp"].others[f"p{i}"] = (set(), [0] * chunks)
+    return cl
+
+
+def test_cluster_owner_is_the_table() -> None:
+    cl = _cluster_with_peers(7, 257)
+    members = [("me", 100.0), *((f"p{i}", 100.0) for i in range(7))]
+    table = owner_table("fp", 257, members)
+    assert [cl.chunk_owner("fp", i) for i in range(257)] == table
+    assert [cl.owner("fp", f"fp/{i}") for i in range(257)] == table  # prefetch's call
+    assert cl.owner("fp", "fp/x") == owner("fp/x", members)  # not a chunk: plain rendezvous
+    cl._apply_node(["nodes", "p0"], b"", deleted=True)  # a member leaves: a new table
+    assert "p0" not in {cl.chunk_owner("fp", i) for i in range(257)}
+
+
+def test_large_tables_are_computed_in_a_thread() -> None:
+    cl = _cluster_with_peers(40, 5000)
+
+    async def main() -> list[str]:
+        assert await cl.owners_ready("fp")  # waited for the worker
+        assert not await cl.owners_ready("fp")  # current now
+        return [cl.chunk_owner("fp", i) for i in range(5000)]
+
+    members = [("me", 100.0), *((f"p{i}", 100.0) for i in range(40))]
+    assert asyncio.run(main()) == owner_table("fp", 5000, members)
+
+
+def test_a_waiting_chunk_is_woken_by_its_holding_only() -> None:
+    from mows.cluster._directory import Holding, _enc
+
+    cl = _cluster_with_peers(2, 8)
+
+    def publish(node: str, held: set[int], rev: int) -> None:
+        rec = Holding(node, 8, encode_bitmap(held, 8), encode_crcs(dict.fromkeys(held, 7), 8))
+        cl._apply(cl.prefix + f"holdings/fp/{node}".encode(), _enc.encode(rec), rev, deleted=False)
+
+    async def main() -> None:
+        waiter = asyncio.ensure_future(cl.wait_chunk("fp", 5, 10))
+        other = asyncio.ensure_future(cl.wait_chunk("fp", 6, 0.3))
+        await asyncio.sleep(0)
+        publish("p0", {1, 2}, 1)  # other chunks: nobody woken
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and not other.done()
+        publish("p1", {5}, 2)
+        assert await asyncio.wait_for(waiter, 1) is True
+        assert await other is False  # timed out: not woken by chunk 5's news
+        assert cl._waiters == {}  # nothing left behind
+        waiter = asyncio.ensure_future(cl.wait_chunk("fp", 6, 10))
+        await asyncio.sleep(0)
+        publish("p1", {5}, 3)  # already known: no news
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        cl._apply_node(["nodes", "p0"], b"", deleted=True)  # owners change: all are woken
+        assert await asyncio.wait_for(waiter, 1) is True
+
+    asyncio.run(main())

@@ -8,7 +8,14 @@ Layout under ``/mows/<cluster>/`` (all values msgpack; bytes never pass through 
                             their CRC-32s, under the same lease; written in batches
 A model is keyed by its version id (``mows.manifest.version_id``: file names, sizes, CRCs,
 chunk size), so nodes that mount the same storage at different paths still share.
-Ownership is computed, never stored.
+Ownership is computed, never stored: each model has a table of its chunks' owners, loads
+bounded (``owner_table``), computed again only when the model's members (live nodes that
+joined it) or their capacities change, in a worker thread when it is large (``owners_ready``).
+
+A chunk waiting for its owner (``wait_chunk``) is woken when a holding newly shows it held,
+and every waiter of a model when its owners may have changed (a member came or went, a
+capacity changed) or the view did (connected, degraded, dropped, re-read): not by every
+directory event, which would cost each waiting chunk a look at every record applied.
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
@@ -49,7 +56,7 @@ from .._errors import ConfigError, ProtocolError
 from ..manifest import Manifest
 from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
 from ._etcd import EtcdSecurity, open_client, parse_endpoint
-from ._placement import owner
+from ._placement import owner, owner_table, table_cost
 
 __all__ = ["Cluster", "Holding", "NodeInfo"]
 
@@ -92,6 +99,8 @@ RETRY_BASE, RETRY_MAX = 0.5, 5.0  # reconnect backoff (full jitter), seconds
 # Raw holdings of models not joined, as the watch delivered them, so that a join (even while
 # etcd is out) knows the holders at once; bounded: past it, a join reads etcd as before.
 STASH_MAX = 64 << 20
+# Owner tables costing more hashes than this (~1 us each) are computed in a worker thread.
+TABLE_INLINE = 8192
 
 
 def check_node(info: NodeInfo, node: str) -> None:
@@ -113,6 +122,7 @@ def placement_weight(capacity: int, own_capacity: int) -> float:
 
 _Others = dict[str, tuple[set[int], list[int]]]  # node -> (held, crcs)
 _Stash = dict[str, dict[str, tuple[int, bytes]]]  # model -> node -> (revision, raw holding)
+_Members = tuple[tuple[str, float], ...]  # (node, placement weight), sorted
 
 
 class _Model:
@@ -125,6 +135,13 @@ class _Model:
         # node -> etcd mod_revision of the last record (or deletion) applied: a re-read of the
         # model's holdings racing the watch must not bring back an older record.
         self.revs: dict[str, int] = {}
+        self.gen = 0  # bumped when the set of nodes in ``others`` changes
+        # The owner table, for ``members``; ``stamp`` says for which generations it was
+        # checked (Cluster._stamp): while it matches, the table is current without a look.
+        self.table: list[str] = []
+        self.members: _Members | None = None
+        self.stamp: tuple[int, int, int] | None = None
+        self.computing: tuple[_Members, asyncio.Future[list[str]]] | None = None
 
 
 class Cluster:
@@ -189,6 +206,9 @@ class Cluster:
         self._manifests_pending: dict[str, bytes] = {}  # fingerprint -> compressed manifest
         self._manifests_published: set[str] = set()
         self._changed = asyncio.Event()
+        self._gen = 0  # bumped when a node comes, goes or changes capacity, or the view is replaced
+        # model -> chunk index -> futures of the fetches waiting for the chunk (wait_chunk)
+        self._waiters: dict[str, dict[int, list[asyncio.Future[None]]]] = {}
         self._unread: set[str] = set()  # joined models whose holdings are still to be read
         self._wake_reader = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -289,6 +309,7 @@ class Cluster:
             self._drop_timer = None
         self.healthy, self.degraded, self.last_error = True, False, ""
         self._notify()
+        self._wake_all()
 
     def _set_disconnected(self) -> None:
         if not self.healthy:
@@ -301,6 +322,7 @@ class Cluster:
         self.healthy, self.degraded, self._lost_at = False, True, time.monotonic()
         self._drop_timer = asyncio.get_running_loop().call_later(self.grace, self._drop_view)
         self._notify()
+        self._wake_all()  # degraded: owners are not waited for
 
     def _drop_view(self) -> None:
         log.warning(
@@ -315,7 +337,9 @@ class Cluster:
             m.revs.clear()
         self._stash.clear()
         self._stash_bytes = 0
+        self._gen += 1
         self._notify()
+        self._wake_all()
 
     async def _put(self, key: str, value: bytes) -> None:
         await self._client.put(self.prefix + key.encode(), value, lease=self._lease)
@@ -346,6 +370,8 @@ class Cluster:
             self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
         if self.degraded:
             self._linger(*last)
+        self._gen += 1  # the view was replaced
+        self._wake_all()
         return int(result.header.revision)
 
     def _linger(
@@ -380,6 +406,7 @@ class Cluster:
                 self._stash_holding(fp, node, 0, None)
         self._lingering.clear()
         self._notify()
+        self._wake_all()
 
     async def _read_holdings(self, fp: str) -> None:
         result = await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
@@ -496,14 +523,24 @@ class Cluster:
         if len(parts) != 2 or not parts[1]:
             raise ProtocolError("not nodes/<node>")
         node = parts[1]
-        self.nodes.pop(node, None)  # deleted, or replaced: a bad record withdraws the old one
+        old = self.nodes.pop(node, None)  # deleted, or replaced: a bad record withdraws the old one
+        try:
+            self._apply_node_record(node, value, deleted)
+        finally:
+            new = self.nodes.get(node)
+            if (old is None) != (new is None) or (old and new and old.capacity != new.capacity):
+                self._gen += 1  # owners may have changed
+                self._wake_all()
+
+    def _apply_node_record(self, node: str, value: bytes, deleted: bool) -> None:
         if deleted:
             if node == self.node_id:
                 self._info = None  # deleted behind our back: the publisher writes it again
             if node in self._lingering:
                 return  # its lease expired in an outage: see _linger
             for m in self.models.values():
-                m.others.pop(node, None)
+                if m.others.pop(node, None) is not None:
+                    m.gen += 1
             return
         self._lingering.pop(node, None)  # back: the ordinary rules again
         if len(value) > MAX_NODE_RECORD:
@@ -529,7 +566,13 @@ class Cluster:
         if revision < m.revs.get(node, 0):
             return  # older than what we applied: a re-read that raced the watch
         m.revs[node] = revision
-        m.others.pop(node, None)
+        prev = m.others.pop(node, None)
+        try:
+            self._apply_holding_record(m, node, value, deleted)
+        finally:
+            self._holding_changed(fp, m, node, prev)
+
+    def _apply_holding_record(self, m: _Model, node: str, value: bytes, deleted: bool) -> None:
         if deleted:
             return
         if len(value) > MAX_HOLDING_RECORD:
@@ -540,6 +583,25 @@ class Cluster:
         if rec.chunks != m.chunks:  # our own manifest says how many: the bound of the decode
             raise ProtocolError(f"{rec.chunks} chunks, the model has {m.chunks}")
         m.others[node] = (decode_bitmap(rec.held, m.chunks), decode_crcs(rec.crcs, m.chunks))
+
+    def _holding_changed(
+        self, fp: str, m: _Model, node: str, prev: tuple[set[int], list[int]] | None
+    ) -> None:
+        """Wake the fetches waiting for chunks this record newly shows held; all of the
+        model's if the node joined or left it (its owners may have changed)."""
+        now = m.others.get(node)
+        if (prev is None) != (now is None):
+            m.gen += 1
+            self._wake_model(fp)
+            return
+        waiting = self._waiters.get(fp)
+        if now is None or not waiting:
+            return
+        held, before = now[0], prev[0] if prev is not None else set()
+        for index in [i for i in waiting if i in held and i not in before]:
+            self._wake(waiting.pop(index))
+        if not waiting:
+            del self._waiters[fp]
 
     def _stash_holding(self, fp: str, node: str, revision: int, value: bytes | None) -> None:
         held = self._stash.setdefault(fp, {})
@@ -623,10 +685,69 @@ class Cluster:
         }
 
     def owner(self, fp: str, key: str) -> str:
-        """The live, interested node that should fetch ``key`` from origin (us if unsure)."""
+        """The live, interested node that should fetch ``key`` from origin (us if unsure).
+        A chunk's key, ``f"{fp}/{index}"``, is looked up in the model's owner table (as
+        ``chunk_owner``); any other key gets plain rendezvous among the same members."""
         m = self.models.get(fp)
         if not self.view_usable or m is None:
             return self.node_id
+        index = key[len(fp) + 1 :] if key.startswith(f"{fp}/") else ""
+        if index.isdigit() and int(index) < m.chunks:
+            return self.chunk_owner(fp, int(index))
+        return owner(key, self._members(m)) or self.node_id
+
+    def chunk_owner(self, fp: str, index: int) -> str:
+        """The owner of chunk ``index`` (of the model's flat chunk range) in the owner table:
+        computed here if not current (``owners_ready`` computes a large one off the loop)."""
+        m = self.models.get(fp)
+        if not self.view_usable or m is None or not 0 <= index < m.chunks:
+            return self.node_id
+        stamp = self._stamp(m)
+        if m.stamp != stamp:
+            members = self._members(m)
+            if members != m.members:
+                m.table, m.members = owner_table(fp, m.chunks, members), members
+            m.stamp = stamp
+        return m.table[index] if m.table else self.node_id
+
+    async def owners_ready(self, fp: str) -> bool:
+        """Make the model's owner table current, computing a large one in a worker thread
+        (one computation for all the fetches that ask). True if it waited for one (the
+        directory may have changed meanwhile)."""
+        waited = False
+        for _ in range(3):  # members that keep changing: chunk_owner computes it inline
+            m = self.models.get(fp)
+            if m is None or not self.view_usable:
+                return waited
+            stamp = self._stamp(m)
+            if m.stamp == stamp:
+                return waited
+            members = self._members(m)
+            if members == m.members:
+                m.stamp = stamp
+                return waited
+            if table_cost(m.chunks, len(members)) <= TABLE_INLINE:
+                m.table, m.members, m.stamp = owner_table(fp, m.chunks, members), members, stamp
+                return waited
+            if m.computing is None or m.computing[0] != members:
+                loop = asyncio.get_running_loop()
+                m.computing = (
+                    members,
+                    loop.run_in_executor(None, owner_table, fp, m.chunks, members),
+                )
+            job = m.computing[1]
+            table = await asyncio.shield(job)
+            waited = True
+            if m.computing is not None and m.computing[1] is job:
+                m.computing = None
+            if self.models.get(fp) is m and m.members != members:
+                m.table, m.members, m.stamp = table, members, None  # checked on the next turn
+        return waited
+
+    def _stamp(self, m: _Model) -> tuple[int, int, int]:
+        return (self._gen, m.gen, self._node_info().capacity)
+
+    def _members(self, m: _Model) -> _Members:
         own = self._node_info().capacity
         members = [(self.node_id, float(own))]
         members += [
@@ -634,7 +755,41 @@ class Cluster:
             for nid in m.others
             if nid in self.nodes
         ]
-        return owner(key, members) or self.node_id
+        return tuple(sorted(members))
+
+    async def wait_chunk(self, fp: str, index: int, timeout: float) -> bool:
+        """Wait until a holding newly shows chunk ``index`` of ``fp`` held, or the model's
+        owners or the view may have changed; False on timeout."""
+        f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(fp, {}).setdefault(index, []).append(f)
+        try:
+            await asyncio.wait_for(f, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._waiters.get(fp, {})
+            fs = waiting.get(index, [])
+            if f in fs:  # not woken (a wake takes the list away)
+                fs.remove(f)
+                if not fs:
+                    del waiting[index]
+                if not waiting:
+                    del self._waiters[fp]
+
+    @staticmethod
+    def _wake(futures: list[asyncio.Future[None]]) -> None:
+        for f in futures:
+            if not f.done():
+                f.set_result(None)
+
+    def _wake_model(self, fp: str) -> None:
+        for futures in self._waiters.pop(fp, {}).values():
+            self._wake(futures)
+
+    def _wake_all(self) -> None:
+        for fp in list(self._waiters):
+            self._wake_model(fp)
 
     def address(self, node: str) -> str | None:
         info = self.nodes.get(node) or self._lingering.get(node)

@@ -176,14 +176,18 @@ class ChunkFetcher:
                 continue
             if not wait_for_owner or cluster.degraded:  # no owner's progress to see
                 return None
-            owner = cluster.owner(vid, f"{vid}/{index}")
+            if await cluster.owners_ready(vid):
+                continue  # waited for the owner table: look at the holders again
+            owner = cluster.chunk_owner(vid, index)
             if owner == cluster.node_id or not self._closed(owner, now):
                 return None  # ours to fetch, or the owner is failing us: the origin
             deadline = deadline or now + self.config.peer_timeout
             if now >= deadline:
                 log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
                 return None
-            await cluster.wait_change(min(deadline - now, 1.0))
+            # Woken when a holding shows the chunk held, or the owners or the view change;
+            # at least once a second (a breaker may have closed meanwhile).
+            await cluster.wait_chunk(vid, index, min(deadline - now, 1.0))
         return None
 
     async def _from_peer(

@@ -121,6 +121,8 @@ class Prefetcher:
         share = self.peering is not None and self.config.prefetch == "share"
         if share:
             await self._settled_members(v.id)
+            assert self.peering is not None
+            await self.peering.cluster.owners_ready(v.id)  # the table, off the event loop
         plan = [
             (e, c) for e in v.manifest.files for c in v.chunks(e.path) if self._mine(v, c, share)
         ]
