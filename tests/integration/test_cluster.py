@@ -277,3 +277,43 @@ def test_cold_load_origin_reads_follow_the_bounded_owner_table(
     origin = [s["bytes_from_origin"] for s in statuses]
     assert sum(origin) <= 1.05 * size, origin
     assert max(origin) <= 1.2 * size / 4 + (1 << 20), origin  # + one 1 MiB chunk
+
+
+def test_a_node_that_evicted_a_model_is_not_waited_on(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """A loads M1, then M2 evicts it: A deletes its holding of M1 (read back from etcd), so
+    B's cold load of M1 owns every chunk itself instead of waiting peer_timeout for A."""
+    import asyncio
+    import time
+
+    import aetcd
+
+    m1 = make_random_model(tmp_path / "m1", 16, files=1, seed=1)
+    m2 = make_random_model(tmp_path / "m2", 16, files=1, seed=2)
+    common = ["--etcd", etcd.endpoint, "--cluster", "t", *FAST]
+    a = daemon_factory(roots=[tmp_path], max_memory="24MiB", extra=common)
+    b = daemon_factory(roots=[tmp_path], extra=common)
+    _wait(lambda: all(len(d.status()["cluster"]["nodes"]) == 2 for d in (a, b)), timeout=15)
+    with mows.open_model(m1, socket=a.socket, fallback=False) as h:
+        v1 = h.version
+    with mows.open_model(m2, socket=a.socket, fallback=False) as h:
+        assert h.stats["bytes"] > 0
+    a_id = a.status()["cluster"]["node_id"]
+
+    async def holders_of_m1() -> list[bytes]:
+        host, _, port = etcd.endpoint.removeprefix("http://").rpartition(":")
+        client = aetcd.Client(host=host, port=int(port))
+        try:
+            got = await client.get_prefix(f"/mows/t/holdings/{v1}/".encode())
+            return [bytes(kv.key) for kv in got]
+        finally:
+            await client.close()
+
+    _wait(lambda: not any(k.endswith(a_id.encode()) for k in asyncio.run(holders_of_m1())))
+    start = time.monotonic()
+    with mows.open_model(m1, socket=b.socket, fallback=False) as h:
+        assert h.version == v1
+        assert h.stats["bytes_from_origin"] == h.stats["bytes"]
+        assert_same_as_files(h.state_dict(), m1)
+    assert time.monotonic() - start < 4  # FAST's peer_timeout is 5 s

@@ -197,6 +197,7 @@ class Cluster:
         self.nodes: dict[str, NodeInfo] = {}
         self.models: dict[str, _Model] = {}
         self._dirty: set[str] = set()
+        self._leaving: set[str] = set()  # models whose holding we delete (see leave)
         self._written: dict[str, bytes] = {}  # fingerprint -> our holding as etcd has it
         self._info: NodeInfo | None = None  # our NodeInfo as etcd has it (None: to write)
         self._info_at = 0.0
@@ -487,6 +488,16 @@ class Cluster:
             await self._client.put(self.prefix + f"manifests/{fp}".encode(), blob)
             self._manifests_published.add(fp)
             del self._manifests_pending[fp]
+        while self._leaving:
+            fp = self._leaving.pop()
+            if fp in self.models:
+                continue  # joined again meanwhile
+            self._written.pop(fp, None)  # first: the delete's own event must not rewrite it
+            try:
+                await self._client.delete(self.prefix + f"holdings/{fp}/{self.node_id}".encode())
+            except BaseException:
+                self._leaving.add(fp)
+                raise
         while self._dirty:
             fp = self._dirty.pop()
             m = self.models.get(fp)
@@ -650,6 +661,15 @@ class Cluster:
         m = self.models[fp]
         m.mine[index] = crc
         self._dirty.add(fp)
+
+    def leave(self, fp: str) -> None:
+        """We hold none of this model and load none of it: delete our holding, so we are no
+        longer interested (an owner a new cold load would wait on, a holder to ask)."""
+        if self.models.pop(fp, None) is None:
+            return
+        self._dirty.discard(fp)
+        self._leaving.add(fp)
+        self._notify()
 
     def drop(self, fp: str, indexes: list[int]) -> None:
         m = self.models.get(fp)

@@ -114,8 +114,13 @@ class Peering:
         self.cluster.mark_held(version.id, version.chunk_range(chunk.path)[chunk.index], crc)
 
     def file_removed(self, f: PoolFile) -> None:
-        self.chunks.remove_file(f.version.id, f.rel)
-        self.cluster.drop(f.version.id, list(f.version.chunk_range(f.rel)))
+        v = f.version
+        self.chunks.remove_file(v.id, f.rel)
+        self.cluster.drop(v.id, list(v.chunk_range(f.rel)))
+        if all(g is f for g in v.files.values()):
+            # Nothing of it left here (a load would have reserved its files first; one that
+            # starts later joins again): not an owner or holder for anyone to wait on.
+            self.cluster.leave(v.id)
 
     def is_last_copy(self, f: PoolFile) -> bool:
         """Would evicting ``f`` drop the cluster's last copy of any of its chunks?"""
