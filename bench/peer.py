@@ -9,7 +9,7 @@ computes a chunk's BLAKE3 digest the first time a peer asks for it, so one untim
 each A (a throwaway B) comes first: the timed runs are the steady state, and that first load is
 reported apart ("cold digests"). The baseline moves the same bytes the same way with no mows at
 all: sendfile from a /dev/shm file, recv_into a new /dev/shm mapping (fresh pages, as B's pool
-is), 64 MiB chunks over 4 connections (the daemon's default workers), and also over 1
+is), 64 MiB requests over 4 connections (the daemon's default workers), and also over 1
 connection, and into pre-faulted pages for reference. CPU seconds per GiB on both ends: for
 mows, utime+stime of B's daemon (receiver) and A's daemon (sender) over B's load; for the
 baseline, the thread CPU time of the receiving and of the sending threads. Loopback puts much
@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--chunk-size", default="auto", help="the daemons' --chunk-size [auto: their default]"
+    )
     args = ap.parse_args()
     if args.quick:
         args.size_mib, args.repeat = 128, 2
@@ -170,7 +173,8 @@ def main() -> None:
         secret.write_text(secrets.token_hex(32))  # 64 bytes; nothing for the reader to strip
         secret.chmod(0o600)
         etcd = EtcdProcess(base).start()
-        common = ["--etcd", etcd.endpoint, "--listen", "127.0.0.1:0", "--chunk-size", "64MiB"]
+        common = ["--etcd", etcd.endpoint, "--listen", "127.0.0.1:0"]
+        common += ["--chunk-size", args.chunk_size]  # auto: 4 MiB for a 1 GiB model
         extra = {
             "plain": [*common, "--cluster", "bench-plain"],
             "auth": [*common, "--cluster", "bench-auth", "--cluster-secret-file", str(secret)],

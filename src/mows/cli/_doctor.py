@@ -104,13 +104,7 @@ def _etcd(cfg: Any, peers: list[Any]) -> str:
     from ..cluster import NodeInfo
     from ..cluster._etcd import EtcdSecurity, open_client
 
-    security = EtcdSecurity.load(
-        ca_file=cfg.etcd_ca_file,
-        cert_file=cfg.etcd_cert_file,
-        key_file=cfg.etcd_key_file,
-        user=cfg.etcd_user,
-        password_file=cfg.etcd_password_file,
-    )
+    security = EtcdSecurity.from_config(cfg)
 
     async def probe() -> list[Any]:
         client = open_client(cfg.etcd[0], security)

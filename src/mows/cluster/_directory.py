@@ -153,20 +153,9 @@ class Cluster:
         *,
         ttl: int = 5,
         publish_interval: float = 0.2,
-        ca_file: str = "",
-        cert_file: str = "",
-        key_file: str = "",
-        user: str = "",
-        password_file: str = "",
+        security: EtcdSecurity | None = None,
     ) -> None:
-        """The ``*_file`` settings are read here: an unreadable one is a ConfigError."""
-        self.security = EtcdSecurity.load(
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            user=user,
-            password_file=password_file,
-        )
+        self.security = security or EtcdSecurity()
         for endpoint in endpoints:
             _, _, tls = parse_endpoint(endpoint)
             if self.security.tls_settings and not tls:

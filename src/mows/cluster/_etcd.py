@@ -10,9 +10,12 @@ import asyncio
 import functools
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
+
+if TYPE_CHECKING:
+    from .._config import DaemonConfig
 
 __all__ = ["EtcdSecurity", "open_client", "parse_endpoint"]
 
@@ -31,6 +34,17 @@ class EtcdSecurity:
     key: bytes | None = field(default=None, repr=False)
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig) -> EtcdSecurity:
+        """The daemon's etcd_* settings, their files read now."""
+        return cls.load(
+            ca_file=config.etcd_ca_file,
+            cert_file=config.etcd_cert_file,
+            key_file=config.etcd_key_file,
+            user=config.etcd_user,
+            password_file=config.etcd_password_file,
+        )
 
     @classmethod
     def load(

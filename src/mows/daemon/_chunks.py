@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .._crc import crc32
-from .._digest import chunk_digest
+from .._digest import crc_and_digest
 from ..transport import ServedChunk
 
 log = logging.getLogger("mows.daemon")
@@ -131,8 +130,7 @@ def _digest_checked(fd: int, c: _Chunk) -> bytes | None:
     with mmap.mmap(fd, c.offset + c.length - start, prot=mmap.PROT_READ, offset=start) as m:
         view = memoryview(m)[c.offset - start :]
         try:
-            if crc32(view) != c.crc:
-                return None
-            return chunk_digest(view)
+            crc, digest = crc_and_digest(view)
+            return digest if crc == c.crc else None
         finally:
             view.release()

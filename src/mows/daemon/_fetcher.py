@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._config import DaemonConfig
-from .._digest import chunk_digest
 from .._errors import PeerError
 from ..manifest import Chunk
 from ..pool import Version
@@ -132,7 +131,7 @@ class ChunkFetcher:
             async with self._origin_slot():
                 started = time.perf_counter()
                 crc, digest = await self._in_worker(
-                    target, self._origin, _from_origin, target.source, target.fill, chunk, peering
+                    target, self._origin, fetch_chunk, target.source, target.fill, chunk, peering
                 )
             self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
             self.counters.bytes_from_origin += chunk.length
@@ -259,21 +258,6 @@ class ChunkFetcher:
             return await asyncio.wrap_future(cf)
         finally:
             target.running.discard(cf)
-
-
-def _from_origin(
-    source: Source, fill: FileFill, chunk: Chunk, digest: bool
-) -> tuple[int, bytes | None]:
-    """An origin read; in a cluster also the chunk's digest, while its pages are hot in this
-    worker (peers will ask for it, and a lazy digest would delay the first one's transfer)."""
-    crc = fetch_chunk(source, fill, chunk)
-    if not digest:
-        return crc, None
-    view = fill.chunk_view(chunk)
-    try:
-        return crc, chunk_digest(view)
-    finally:
-        view.release()
 
 
 def _fetch_from_peer(

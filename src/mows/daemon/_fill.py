@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from .._crc import combine_chunks, crc32
+from .._digest import crc_and_digest
 from .._errors import IntegrityError
 from ..manifest import Chunk, chunk_count
 from ..pool import PoolFile
@@ -65,12 +66,17 @@ class FileFill:
         os.close(self.fd)
 
 
-def fetch_chunk(source: Source, fill: FileFill, chunk: Chunk) -> int:
-    """Read one chunk from the source into the pool mapping; return its CRC-32."""
+def fetch_chunk(
+    source: Source, fill: FileFill, chunk: Chunk, digest: bool = False
+) -> tuple[int, bytes | None]:
+    """Read one chunk from the source into the pool mapping; return its CRC-32 and, if asked
+    (a cluster node: peers will want it), its BLAKE3 digest, in the same pass."""
     view = fill.chunk_view(chunk)
     try:
         source.read_into(chunk.path, chunk.offset, view)
-        return crc32(view)
+        if digest:
+            return crc_and_digest(view)
+        return crc32(view), None
     finally:
         view.release()
 

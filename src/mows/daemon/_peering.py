@@ -12,6 +12,7 @@ from typing import Any
 from .._config import DaemonConfig
 from .._errors import ConfigError
 from ..cluster import Cluster, NodeInfo
+from ..cluster._etcd import EtcdSecurity
 from ..manifest import Chunk
 from ..pool import FileState, PoolFile, Version
 from ..transport import PeerClient, PeerServer, TcpPeerClient, TcpPeerServer
@@ -57,11 +58,7 @@ class Peering:
             config.cluster,
             lambda: node_info(self.node_id, self.advertise),
             ttl=config.lease_ttl,
-            ca_file=config.etcd_ca_file,
-            cert_file=config.etcd_cert_file,
-            key_file=config.etcd_key_file,
-            user=config.etcd_user,
-            password_file=config.etcd_password_file,
+            security=EtcdSecurity.from_config(config),  # files read now: a bad one stops start
         )
 
     async def start(self, endpoints: str) -> None:

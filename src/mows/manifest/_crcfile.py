@@ -35,17 +35,22 @@ def check_relative_path(rel: str, where: str, line: int | None = None) -> str:
     return "/".join(parts)
 
 
+def checksum_text(data: bytes | str, where: str, limit: int) -> str:
+    """A checksum file's bytes as text: at most ``limit`` bytes of UTF-8, else an error
+    naming the file."""
+    if isinstance(data, str):
+        return data
+    if len(data) > limit:
+        raise Crc32FileError(where, f"file is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Crc32FileError(where, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def parse_crc32(data: bytes | str, where: str = "crc32.txt") -> dict[str, int]:
     """Parse a crc32 file's content into ``{relative path: crc}``."""
-    if isinstance(data, bytes):
-        if len(data) > MAX_CRC32_FILE_BYTES:
-            raise Crc32FileError(where, f"file is larger than {MAX_CRC32_FILE_BYTES} bytes")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Crc32FileError(where, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    else:
-        text = data
+    text = checksum_text(data, where, MAX_CRC32_FILE_BYTES)
     out: dict[str, int] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 
 from .._errors import Crc32FileError
-from ._crcfile import check_relative_path
+from ._crcfile import check_relative_path, checksum_text
 
 __all__ = ["MAX_SHA256_FILE_BYTES", "format_sha256", "hf_blob_digest", "parse_sha256"]
 
@@ -35,15 +35,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 def parse_sha256(data: bytes | str, where: str = "sha256sums.txt") -> dict[str, str]:
     """Parse a sha256 file's content into ``{relative path: lower-case hex digest}``."""
-    if isinstance(data, bytes):
-        if len(data) > MAX_SHA256_FILE_BYTES:
-            raise Crc32FileError(where, f"file is larger than {MAX_SHA256_FILE_BYTES} bytes")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Crc32FileError(where, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    else:
-        text = data
+    text = checksum_text(data, where, MAX_SHA256_FILE_BYTES)
     out: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

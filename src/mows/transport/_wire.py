@@ -24,8 +24,7 @@ from typing import Any
 import msgspec
 
 from .. import _protocol as frames
-from .._crc import crc32
-from .._digest import chunk_digest
+from .._digest import crc_and_digest
 from .._errors import PeerError, ProtocolError
 
 __all__ = [
@@ -226,12 +225,11 @@ def verify_chunk(
     """Check received bytes against the (authenticated) header and the directory's CRC;
     ``PeerError(corrupt=True)`` on any mismatch. The digest is what stops a CRC-preserving
     edit (CRC-32 is linear); the CRC is what ties the chunk to the origin's crc32.txt."""
-    digest = chunk_digest(data)
+    actual, digest = crc_and_digest(data)
     if not hmac.compare_digest(digest, header.digest):
         raise PeerError(
             peer, f"{path} chunk {index}: bytes do not match their BLAKE3 digest", corrupt=True
         )
-    actual = crc32(data)
     for want in (expected_crc, header.crc):
         if want is not None and actual != want:
             raise PeerError(
