@@ -372,3 +372,17 @@ def load_in_parallel(jobs: list[tuple[str, Path]], timeout: float = 300) -> list
 
 def mows_load(sock: str, model: Path) -> dict[str, Any]:
     return load_in_parallel([(sock, model)])[0]
+
+
+def make_manifest(files: int, chunks: int = 1, chunk_size: int = 1 << 20) -> Any:
+    """A manifest of ``files`` files of ``chunks`` full chunks each, for directory unit
+    tests: file i's bytes are all i (so its CRC-32 is known without a file)."""
+    import zlib
+
+    from mows.manifest import FileEntry, Manifest
+
+    size = chunks * chunk_size
+    entries = tuple(
+        FileEntry(f"f{i}", size, 0, crc32=zlib.crc32(bytes([i % 256]) * size)) for i in range(files)
+    )
+    return Manifest("test://m", chunk_size, entries)

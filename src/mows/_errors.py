@@ -127,11 +127,14 @@ class ProtocolError(MowsError):
 class PeerError(MowsError):
     """A peer failed, stalled, refused the handshake or sent bytes that failed their CRC."""
 
-    def __init__(self, peer: str, reason: str, corrupt: bool = False) -> None:
+    def __init__(
+        self, peer: str, reason: str, corrupt: bool = False, *, missing: bool = False
+    ) -> None:
         super().__init__(f"peer {peer}: {reason}")
         self.peer = peer
         self.reason = reason
         self.corrupt = corrupt
+        self.missing = missing  # the peer is fine but does not hold the chunk (yet)
 
 
 class ClusterError(MowsError):

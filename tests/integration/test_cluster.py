@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +27,33 @@ def start_nodes(factory: Any, etcd: Any, root: Path, n: int, *extra: str) -> lis
     return nodes
 
 
-def stored_manifest(endpoint: str, cluster: str, fp: str) -> Any:
-    """The manifest the cluster published in etcd, read back with a plain etcd client."""
+def stored_crc_pages(endpoint: str, cluster: str, fp: str) -> dict[int, list[int]]:
+    """The chunk CRC pages the cluster published in etcd, read back with a plain etcd
+    client: file index -> its chunk CRC-32s."""
     import asyncio
-    import zlib
 
     import aetcd
     import msgspec
 
-    from mows.manifest import Manifest
+    from mows.cluster import ChunkCrcs
+    from mows.cluster._bitmap import decode_crcs
 
-    async def get() -> bytes:
+    async def get() -> list[bytes]:
         host, _, port = endpoint.removeprefix("http://").rpartition(":")
         client = aetcd.Client(host=host, port=int(port))
         try:
-            got = await client.get(f"/mows/{cluster}/manifests/{fp}".encode())
-            assert got is not None, "no manifest published"
-            return bytes(got.value)
+            got = await client.get_prefix(f"/mows/{cluster}/manifests/{fp}/".encode())
+            return [bytes(kv.value) for kv in got]
         finally:
             await client.close()
 
-    return msgspec.msgpack.decode(zlib.decompress(asyncio.run(get())), type=Manifest)
+    pages: dict[int, list[int]] = {}
+    for value in asyncio.run(get()):
+        assert len(value) <= 64 << 10
+        rec = msgspec.msgpack.decode(value, type=ChunkCrcs)
+        assert rec.page == 0  # small files: one page each
+        pages[rec.file] = decode_crcs(rec.crcs, rec.chunks)
+    return pages
 
 
 def load_all(nodes: list[DaemonProcess], model: Path) -> None:
@@ -82,11 +89,15 @@ def test_cold_simultaneous_load_reads_origin_once(
         assert_same_as_files(mows.load_state_dict(model, socket=d.socket, fallback=False), model)
     cl = statuses[0]["cluster"]
     assert cl["healthy"] and len(cl["nodes"]) == 3
-    published = stored_manifest(etcd.endpoint, "t", cl["models"][0]["fingerprint"])
-    assert [f.path for f in published.files] == sorted(
-        p.name for p in model.iterdir() if p.name != "crc32.txt"
-    )
-    assert all(f.crc32 is not None for f in published.files)
+    # Each file's chunk CRCs, published once for the cluster, combine to the file's CRC-32.
+    pages = stored_crc_pages(etcd.endpoint, "t", cl["models"][0]["fingerprint"])
+    files = sorted(p for p in model.iterdir() if p.name != "crc32.txt")
+    assert sorted(pages) == list(range(len(files)))
+    chunk = cl["models"][0]["chunk_size"]
+    for i, path in enumerate(files):
+        data = path.read_bytes()
+        parts = [data[o : o + chunk] for o in range(0, len(data), chunk)]
+        assert pages[i] == [zlib.crc32(p) for p in parts], path
     assert all(n["alive"] for n in cl["nodes"])
     assert cl["models"][0]["min_copies"] >= 1
 

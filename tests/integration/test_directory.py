@@ -149,8 +149,9 @@ def test_holdings_seen_before_a_join_are_known_at_once() -> None:
     """Holdings of a model not joined are kept raw as the watch brings them: a later join
     (with etcd out, say) knows the holders without asking etcd; deleted ones are forgotten."""
     from mows.cluster import Cluster, Holding, NodeInfo
-    from mows.cluster._bitmap import encode_bitmap, encode_crcs
+    from mows.cluster._bitmap import encode_bitmap
     from mows.cluster._directory import _enc
+    from tests.daemons import make_manifest
 
     c = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 100))
     c.healthy = True
@@ -158,13 +159,14 @@ def test_holdings_seen_before_a_join_are_known_at_once() -> None:
     def put(key: str, value: bytes, deleted: bool = False) -> None:
         c._apply(c.prefix + key.encode(), value, 1, deleted=deleted)
 
-    held = {1: 0x1234, 2: 0x5678}
     for node in ("peer", "gone"):
         put(f"nodes/{node}", _enc.encode(NodeInfo(node, "127.0.0.1:2", 100)))
-        rec = Holding(node, 4, encode_bitmap(held, 4), encode_crcs(held, 4))
+        rec = Holding(node, 4, encode_bitmap({1, 2}, 4), encode_bitmap({3}, 4), loading=True)
         put(f"holdings/fp/{node}", _enc.encode(rec))
     put("holdings/fp/gone", b"", deleted=True)
-    c.join("fp", 4)
-    assert c.holders("fp", 1) == {"peer": 0x1234} and c.holders("fp", 0) == {}
+    c.join("fp", make_manifest(4))
+    assert c.holders("fp", 1) == ["peer"] and c.holders("fp", 0) == []
+    assert c.partial_holders("fp", 3) == ["peer"] and c.state("fp", "peer", 0).loading
+    assert c.interested("fp") == {"me", "peer"}
     c.healthy, c.degraded = False, True  # etcd lost: the view is kept
-    assert c.view_usable and c.holders("fp", 2) == {"peer": 0x5678}
+    assert c.view_usable and c.holders("fp", 2) == ["peer"]

@@ -16,12 +16,12 @@ import pytest
 import mows
 from mows._config import load_daemon_config
 from mows._errors import ConfigError
-from mows.cluster import Cluster, Holding, NodeInfo
+from mows.cluster import ChunkCrcs, Cluster, Holding, NodeInfo
 from mows.cluster._bitmap import encode_bitmap, encode_crcs
-from mows.cluster._directory import _Model, placement_weight
+from mows.cluster._directory import _Held, _Model, placement_weight
 from mows.cluster._etcd import EtcdSecurity, open_client
 from tests.conftest import free_port
-from tests.daemons import DaemonProcess, EtcdProcess, make_random_model
+from tests.daemons import DaemonProcess, EtcdProcess, make_manifest, make_random_model
 from tests.integration.test_cluster import FAST, load_all, start_nodes
 from tests.integration.test_daemon import _wait, assert_same_as_files
 
@@ -70,20 +70,23 @@ def test_forged_records_are_ignored_and_counted(
     )
     load_all([a], model)  # A holds the model; B has not joined it yet
     fp = a.status()["cluster"]["models"][0]["fingerprint"]
-    chunks = a.status()["cluster"]["models"][0]["chunks"]
-    bomb = zlib.compress(b"\xff" * (64 << 20), 9)  # 64 MiB of "held" in ~64 KiB
+    files = a.status()["cluster"]["models"][0]["files"]
+    bomb = zlib.compress(b"\xff" * (60 << 10), 9)  # 60 KiB of "held" in ~100 bytes
+    none = encode_bitmap([], files)
     etcd_put(
         etcd.endpoint,
         {
             f"holdings/{fp}/huge": _enc.encode(Holding("huge", 1 << 30, bomb, bomb)),
             f"holdings/{fp}/off": _enc.encode(
-                Holding("off", chunks + 1, encode_bitmap([0], chunks + 1), encode_crcs({}, 1))
+                Holding("off", files + 1, encode_bitmap([0], files + 1), none)
             ),
-            f"holdings/{fp}/bomb": _enc.encode(Holding("bomb", chunks, bomb, bomb)),
+            f"holdings/{fp}/bomb": _enc.encode(Holding("bomb", files, bomb, bomb)),
             f"holdings/{fp}/junk": b"\xc1\xc1\xc1",
             f"holdings/{fp}/mallory": _enc.encode(
-                Holding("alice", chunks, encode_bitmap([0], chunks), encode_crcs({}, chunks))
+                Holding("alice", files, encode_bitmap([0], files), none)
             ),
+            # CRCs of another file's chunks: they do not combine to file 0's CRC-32
+            f"manifests/{fp}/0/0": _enc.encode(ChunkCrcs(0, 0, 1, encode_crcs({0: 1}, 1))),
             # a model nobody joined: never decoded, so not even counted
             "holdings/not-a-model/x": b"\xc1",
         },
@@ -115,10 +118,10 @@ def test_a_forged_capacity_cannot_capture_placement() -> None:
     assert placement_weight(-5, 100) == 0
     assert placement_weight(250, 100) == 250  # a bigger peer keeps its real weight
     c = _cluster()
-    c.models["m"] = m = _Model(1)
+    c.models["m"] = m = _Model(make_manifest(1))
     for node, cap in (("peer", 100), ("hog", 2**62)):
         c.nodes[node] = NodeInfo(node, "127.0.0.1:2", cap)
-        m.others[node] = (set(), [0])
+        m.others[node] = _Held(frozenset(), frozenset(), True)
     owners = [c.owner("m", f"m/{i}") for i in range(3000)]
     share = owners.count("hog") / len(owners)
     assert 0.55 < share < 0.8, share  # 4 / (1 + 1 + 4) at most, not ~1
@@ -142,19 +145,31 @@ def test_records_are_checked_against_key_and_manifest() -> None:
     before = c.rejected_records
     c._apply(c.prefix + b"nodes/\xff", _enc.encode(NodeInfo("\ufffd", "h:1", 1)), 1, deleted=False)
     assert c.rejected_records == before + 1  # keys must be UTF-8: no lossy decoding
-    assert apply("manifests/x", b"anything") == 0  # not the directory's to read
-    # holdings: decoded only for joined models, against the joined chunk count
-    rec = Holding("n1", 8, encode_bitmap([1, 2], 8), encode_crcs({1: 5, 2: 6}, 8))
+    assert apply("manifests/x", b"anything") == 0  # a version not joined: not decoded
+    # holdings: decoded only for joined versions, against the joined file count
+    rec = Holding("n1", 8, encode_bitmap([1, 2], 8), encode_bitmap([5], 8))
     assert apply("holdings/fp/n1", _enc.encode(rec)) == 0 and "fp" not in c.models
-    c.join("fp", 8)
+    manifest = make_manifest(8, chunks=2, chunk_size=64)
+    c.join("fp", manifest)
     assert apply("holdings/fp/n1", _enc.encode(rec), rev=5) == 0
-    assert c.models["fp"].others["n1"][0] == {1, 2}
+    held = c.models["fp"].others["n1"]
+    assert held.complete == {1, 2} and held.partial == {5}
     assert apply("holdings/fp/n1", b"\xc1", rev=3) == 0  # older than what we hold: skipped
     apply("holdings/fp/n1", b"", rev=6, deleted=True)
     assert apply("holdings/fp/n1", _enc.encode(rec), rev=5) == 0  # a re-read racing the watch
     assert "n1" not in c.models["fp"].others
     assert apply("holdings/fp/n2", _enc.encode(rec), rev=7) == 1  # node mismatch
-    assert apply("holdings/fp/n1", b"\0" * (9 << 20), rev=8) == 1  # oversized
+    assert apply("holdings/fp/n1", b"\0" * (65 << 10), rev=8) == 1  # oversized
+    assert apply("holdings/fp/n1", _enc.encode(Holding("n1", 9, b"", b"")), rev=9) == 1
+    # chunk CRC pages: taken only when they combine to the file's CRC-32 from crc32.txt
+    chunk = zlib.crc32(bytes([3]) * 64)  # file 3: two chunks of 64 bytes of 3
+    good = _enc.encode(ChunkCrcs(3, 0, 2, encode_crcs({0: chunk, 1: chunk}, 2)))
+    forged = _enc.encode(ChunkCrcs(3, 0, 2, encode_crcs({0: chunk, 1: chunk ^ 1}, 2)))
+    assert apply("manifests/fp/3/0", forged) == 1 and c.chunk_crc("fp", 3, 0) is None
+    assert apply("manifests/fp/3/1", good) == 1  # under another page's key
+    assert apply("manifests/fp/3/0", _enc.encode(ChunkCrcs(3, 0, 3, b""))) == 1  # 3 chunks?
+    assert apply("manifests/fp/3/0", b"\0" * (65 << 10)) == 1
+    assert apply("manifests/fp/3/0", good) == 0 and c.chunk_crc("fp", 3, 1) == chunk
 
 
 def test_etcd_settings_are_checked() -> None:

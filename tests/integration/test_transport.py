@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ class FileStore:
     wrong_digest: set[int] = field(default_factory=set)
     sent: int = 0
 
-    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
+    def open_chunk(
+        self, model: str, path: str, index: int, wait: float = 0.0
+    ) -> ServedChunk | None:
         if model != "m" or path != "f.bin" or index * CHUNK >= len(DATA):
             return None
         off = index * CHUNK
@@ -40,6 +43,9 @@ class FileStore:
         crc = crc32(DATA[off : off + length]) ^ (1 if index in self.wrong_crc else 0)
         digest = chunk_digest(DATA[off : off + length] + b"x" * (index in self.wrong_digest))
         return ServedChunk(os.dup(self.fd), off, length, crc, digest)
+
+    def have(self, model: str, path: str) -> bytes:
+        return b"\x0f" if (model, path) == ("m", "f.bin") else b""
 
     def served(self, peer: str, nbytes: int) -> None:
         self.sent += nbytes
@@ -100,6 +106,50 @@ def test_missing_chunk_is_a_peer_error(pair: tuple[Any, Any, FileStore]) -> None
     buf = bytearray(CHUNK)
     client.fetch(server.address, "m", "f.bin", 0, memoryview(buf), None)
     assert bytes(buf) == DATA[:CHUNK]
+
+
+def test_a_request_waits_for_its_chunk_to_land(kind: str) -> None:
+    """A loading owner holds a request for a chunk it lacks until the chunk lands (answered
+    at once, by that chunk's arrival), or says "not held" at the end of the wait; ``Have``
+    lists what it holds. The daemon's real ChunkTable behind a real server."""
+    from mows.daemon._chunks import ChunkTable
+
+    table = ChunkTable()
+    with tempfile.TemporaryFile() as fh:
+        fh.write(DATA)
+        fh.flush()
+        table.add_file("m", "f.bin", fh.fileno())
+        server_cls = TcpPeerServer if kind == "tcp" else ucx_classes()[0]
+        server = server_cls("127.0.0.1:0", table, node="server", secret=SECRET)
+        client = make_client(kind, SECRET)
+        try:
+            assert client.have(server.address, "m", "f.bin", "server") == b""
+            lands = threading.Timer(
+                0.5, table.add_chunk, ("m", "f.bin", 1, CHUNK, CHUNK, crc32(DATA[CHUNK:][:CHUNK]))
+            )
+            lands.start()
+            buf = bytearray(CHUNK)
+            started = time.monotonic()
+            got = client.fetch(server.address, "m", "f.bin", 1, memoryview(buf), None, wait=5)
+            took = time.monotonic() - started
+            assert bytes(buf) == DATA[CHUNK : 2 * CHUNK] and got.crc == crc32(buf)
+            assert 0.4 < took < 3, took  # answered when it landed, not at the end of the wait
+            assert client.have(server.address, "m", "f.bin", "server") == b"\x02"
+            started = time.monotonic()
+            with pytest.raises(PeerError, match="not held") as e:
+                client.fetch(server.address, "m", "f.bin", 2, memoryview(buf), None, wait=0.3)
+            assert e.value.missing and not e.value.corrupt
+            assert 0.25 < time.monotonic() - started < 3
+            # A file that goes (a failed fill) answers its waiters at once.
+            threading.Timer(0.3, table.remove_file, ("m", "f.bin")).start()
+            started = time.monotonic()
+            with pytest.raises(PeerError, match="not held"):
+                client.fetch(server.address, "m", "f.bin", 3, memoryview(buf), None, wait=5)
+            assert time.monotonic() - started < 3
+        finally:
+            client.close()
+            server.close()
+            table.close()
 
 
 def test_bad_bytes_are_detected(pair: tuple[Any, Any, FileStore]) -> None:

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from mows import ProtocolError
 from mows.cluster import Cluster, owner
 from mows.cluster._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
+from mows.cluster._directory import _Held
 from mows.cluster._placement import owner_table
+from tests.daemons import make_manifest
 
 KEYS = [f"model/{i}" for i in range(6000)]
 
@@ -72,24 +74,32 @@ def test_bomb_is_refused() -> None:
         decode_bitmap(bomb, 8)
 
 
-def test_min_copies_counts_only_the_range() -> None:
+def test_file_copies_count_whole_live_copies() -> None:
     from mows.cluster import Cluster, NodeInfo
+    from mows.cluster._directory import _Held
+    from tests.daemons import make_manifest
 
     cl = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 1))
-    cl.join("fp", 6)
-    for i in (0, 1, 2):
-        cl.mark_held("fp", i, 0)
+    cl.join("fp", make_manifest(4))
+    cl.file_complete("fp", 0)
+    cl.file_complete("fp", 1)
+    cl.chunk_held("fp", 2)  # partial: not a copy
     cl.nodes["peer"] = NodeInfo("peer", "127.0.0.1:2", 1)
-    cl.models["fp"].others["peer"] = ({1, 2, 3}, [0] * 6)
-    assert cl.copies("fp") == [1, 2, 2, 1, 0, 0]
-    assert cl.min_copies("fp", 1, 3) == 2
-    assert cl.min_copies("fp", 0, 3) == 1
-    assert cl.min_copies("fp", 3, 6) == 0
-    del cl.nodes["peer"]  # a dead node's chunks do not count
-    assert cl.min_copies("fp", 1, 3) == 1
+    cl.models["fp"].others["peer"] = _Held(frozenset({1, 3}), frozenset({2}), False)
+    assert cl.copies("fp") == [1, 2, 0, 1]
+    assert cl.file_copies("fp", 1) == 2 and cl.file_copies("fp", 2) == 0
+    del cl.nodes["peer"]  # a dead node's files do not count
+    assert cl.file_copies("fp", 1) == 1
+    # What we publish: whole files, partial ones, loading; nothing once empty
+    rec = cl.models["fp"].record("me")
+    assert (rec.files, rec.loading) == (4, False)
+    cl.file_dropped("fp", 0)
+    cl.file_dropped("fp", 1)
+    assert not cl.models["fp"].empty  # file 2 is partly held
+    cl.file_dropped("fp", 2)
+    assert cl.models["fp"].empty
 
 
-# -- the bounded-load owner table ---------------------------------------------------------------
 def _moved(before: list[tuple[str, float]], after: list[tuple[str, float]], n: int) -> int:
     a, b = owner_table("v", n, before), owner_table("v", n, after)
     return sum(x != y for x, y in zip(a, b, strict=True))
@@ -152,10 +162,10 @@ def _cluster_with_peers(peers: int, chunks: int) -> Cluster:
 
     cl = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 100))
     cl.healthy = True
-    cl.join("fp", chunks)
+    cl.join("fp", make_manifest(chunks, chunk_size=64))  # a chunk a file
     for i in range(peers):
         cl.nodes[f"p{i}"] = NodeInfo(f"p{i}", "127.0.0.1:2", 100)
-        cl.models["fp"].others[f"p{i}"] = (set(), [0] * chunks)
+        cl.models["fp"].others[f"p{i}"] = _Held(frozenset(), frozenset(), True)
     return cl
 
 
@@ -182,32 +192,25 @@ def test_large_tables_are_computed_in_a_thread() -> None:
     assert asyncio.run(main()) == owner_table("fp", 5000, members)
 
 
-def test_a_waiting_chunk_is_woken_by_its_holding_only() -> None:
-    from mows.cluster._directory import Holding, _enc
+def test_owners_are_computed_again_only_when_members_change() -> None:
+    """File records come and go all through a load; the owner table is recomputed only
+    when a member comes or goes (or a capacity changes)."""
+    from mows.cluster import Holding, NodeInfo
+    from mows.cluster._directory import _enc
 
     cl = _cluster_with_peers(2, 8)
 
-    def publish(node: str, held: set[int], rev: int) -> None:
-        rec = Holding(node, 8, encode_bitmap(held, 8), encode_crcs(dict.fromkeys(held, 7), 8))
+    def publish(node: str, complete: set[int], rev: int) -> None:
+        rec = Holding(node, 8, encode_bitmap(complete, 8), encode_bitmap([], 8), True)
         cl._apply(cl.prefix + f"holdings/fp/{node}".encode(), _enc.encode(rec), rev, deleted=False)
 
-    async def main() -> None:
-        waiter = asyncio.ensure_future(cl.wait_chunk("fp", 5, 10))
-        other = asyncio.ensure_future(cl.wait_chunk("fp", 6, 0.3))
-        await asyncio.sleep(0)
-        publish("p0", {1, 2}, 1)  # other chunks: nobody woken
-        await asyncio.sleep(0.05)
-        assert not waiter.done() and not other.done()
-        publish("p1", {5}, 2)
-        assert await asyncio.wait_for(waiter, 1) is True
-        assert await other is False  # timed out: not woken by chunk 5's news
-        assert cl._waiters == {}  # nothing left behind
-        waiter = asyncio.ensure_future(cl.wait_chunk("fp", 6, 10))
-        await asyncio.sleep(0)
-        publish("p1", {5}, 3)  # already known: no news
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
-        cl._apply_node(["nodes", "p0"], b"", deleted=True)  # owners change: all are woken
-        assert await asyncio.wait_for(waiter, 1) is True
-
-    asyncio.run(main())
+    cl.chunk_owner("fp", 0)
+    table = cl.models["fp"].table
+    publish("p0", {1, 2}, 1)
+    publish("p1", {5}, 2)
+    cl.chunk_owner("fp", 0)
+    assert cl.models["fp"].table is table and cl.holders("fp", 5) == ["p1"]
+    cl.nodes["p2"] = NodeInfo("p2", "127.0.0.1:3", 100)
+    publish("p2", set(), 3)  # a new member
+    assert "p2" in {cl.chunk_owner("fp", i) for i in range(8)}
+    assert cl.models["fp"].table is not table

@@ -144,8 +144,8 @@ def status(socket: str | None, as_json: bool) -> None:
             )
         for m in cluster["models"]:
             click.echo(
-                f"copies per chunk of {m['path'] or m['fingerprint']}: "
-                f"min {m['min_copies']}, max {m['max_copies']} over {m['chunks']} chunks"
+                f"whole copies per file of {m['path'] or m['fingerprint']}: "
+                f"min {m['min_copies']}, max {m['max_copies']} over {m['files']} files"
             )
 
 

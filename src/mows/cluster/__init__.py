@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from ._directory import Cluster, Holding, NodeInfo
+from ._directory import ChunkCrcs, Cluster, Holding, NodeInfo, PeerState
 from ._placement import owner, rendezvous_score
 
-__all__ = ["Cluster", "Holding", "NodeInfo", "owner", "rendezvous_score"]
+__all__ = [
+    "ChunkCrcs",
+    "Cluster",
+    "Holding",
+    "NodeInfo",
+    "PeerState",
+    "owner",
+    "rendezvous_score",
+]

@@ -1,26 +1,36 @@
-"""Membership and the chunk directory, kept in etcd v3.
+"""Membership and the model directory, kept in etcd v3: little of it, written when it changes.
 
 Layout under ``/mows/<cluster>/`` (all values msgpack; bytes never pass through etcd):
-  nodes/<node>              NodeInfo, under the node's lease: a dead node vanishes in one TTL
-  manifests/<model>         the model's manifest (files, sizes, tensor index), zlib+msgpack,
-                            written once, not under a lease
-  holdings/<model>/<node>   which chunks of a model the node holds (a compressed bitmap) and
-                            their CRC-32s, under the same lease; written in batches
-A model is keyed by its version id (``mows.manifest.version_id``: file names, sizes, CRCs,
-chunk size), so nodes that mount the same storage at different paths still share.
-Ownership is computed, never stored: each model has a table of its chunks' owners, loads
-bounded (``owner_table``), computed again only when the model's members (live nodes that
-joined it) or their capacities change, in a worker thread when it is large (``owners_ready``).
+  nodes/<node>                      NodeInfo, under the node's lease: a dead node vanishes in
+                                    one TTL
+  holdings/<version>/<node>         the node's state for one version, at file granularity:
+                                    files held whole (verified), files partly held (a share
+                                    prefetch), and whether a load or prefetch of it runs there
+                                    now; under the same lease, deleted when the node holds
+                                    nothing of the version and loads none of it
+  manifests/<version>/<file>/<page> the chunk CRC-32s of one verified file, at most PAGE
+                                    chunks a key; written once (put if absent), not under a
+                                    lease, deleted when no node holds the version
+A version is keyed by its id (``mows.manifest.version_id``: file names, sizes, CRCs, chunk
+size), so nodes that mount the same storage at different paths still share. No record grows
+with the chunk count but the CRC pages, which are split: no value passes 64 KiB (``MAX_VALUE``)
+whatever the model's size, and the reads that may return many keys are paged.
 
-A chunk waiting for its owner (``wait_chunk``) is woken when a holding newly shows it held,
-and every waiter of a model when its owners may have changed (a member came or went, a
-capacity changed) or the view did (connected, degraded, dropped, re-read): not by every
-directory event, which would cost each waiting chunk a look at every record applied.
+Which chunk a peer holds is not in etcd. It is derived from placement and the file states:
+a file held whole is served by every node that says so; a chunk of a file still loading is
+asked of its owner (the member that fetches it from the origin), which holds the request
+until the chunk lands (``wait`` in the request: the waiting fetch is woken by the chunk's
+own arrival, not by directory events); a partly held file's chunks are asked of their owner
+too (a share prefetch holds the chunks it owns). Ownership is computed, never stored: each
+version has a table of its chunks' owners among its members (live nodes with a record for
+it), loads bounded (``owner_table``), computed again only when the members or their
+capacities change, in a worker thread when it is large (``owners_ready``).
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
-INFO_REFRESH seconds while they keep changing); a holding when its content changed; a manifest
-once. An idle node writes nothing: lease keepalives are its only traffic.
+INFO_REFRESH seconds while they keep changing); a holding when its content changes (a load
+starts or ends, a file completes or goes: O(files) writes a load); a file's CRC pages once
+for the cluster. An idle node writes nothing: lease keepalives are its only traffic.
 
 When etcd is unreachable the node is ``degraded``: it keeps the last view (members, holdings)
 for ``grace`` seconds, since peers remain the best source (every chunk is checked, a dead peer
@@ -33,9 +43,10 @@ the origin until etcd is back.
 etcd is an untrusted input: whoever can write under the prefix must not crash a node, make it
 allocate without bound or capture placement. Every record is size-checked before it is
 decoded and validated after (a node's id must match its key, its address must be HOST:PORT,
-a holding must describe the model as this node's own manifest does); holdings of models this
-node has not joined are not decoded at all. A bad record is ignored, counted in
-``rejected_records`` and logged once per key; it also withdraws what its key said before.
+a holding must describe the version as this node's own manifest does, a file's CRC pages
+must combine to the file's CRC-32 from crc32.txt); records of versions this node has not
+joined are not decoded at all. A bad record is ignored, counted in ``rejected_records`` and
+logged once per key; it also withdraws what its key said before.
 """
 
 from __future__ import annotations
@@ -46,19 +57,19 @@ import logging
 import random
 import re
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
+from .._crc import combine_chunks
 from .._errors import ConfigError, ProtocolError
-from ..manifest import Manifest
+from ..manifest import Manifest, chunk_count
 from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
-from ._etcd import EtcdSecurity, open_client, parse_endpoint
+from ._etcd import EtcdSecurity, KeyValue, get_prefix_paged, open_client, parse_endpoint
 from ._placement import owner, owner_table, table_cost
 
-__all__ = ["Cluster", "Holding", "NodeInfo"]
+__all__ = ["ChunkCrcs", "Cluster", "Holding", "NodeInfo", "PeerState"]
 
 log = logging.getLogger("mows.cluster")
 
@@ -74,20 +85,41 @@ class NodeInfo(msgspec.Struct, frozen=True):
 
 
 class Holding(msgspec.Struct, frozen=True):
+    """A node's state for one version, at file granularity (file indexes as in the manifest)."""
+
     node: str
-    chunks: int
-    held: bytes  # encode_bitmap
+    files: int  # the version's file count: the bound of both bitmaps
+    complete: bytes  # encode_bitmap: files held whole, verified
+    partial: bytes  # encode_bitmap: files of which some chunks are held
+    loading: bool = False  # a load or prefetch of the version runs on the node now
+
+
+class ChunkCrcs(msgspec.Struct, frozen=True):
+    """One page of a verified file's chunk CRC-32s: chunks [page x PAGE, ...)."""
+
+    file: int
+    page: int
+    chunks: int  # in this page
     crcs: bytes  # encode_crcs
+
+
+class PeerState(msgspec.Struct, frozen=True):
+    """What a member's holding says of one file."""
+
+    complete: bool
+    partial: bool
+    loading: bool
 
 
 _enc = msgspec.msgpack.Encoder()
 _dec_node = msgspec.msgpack.Decoder(NodeInfo)
 _dec_holding = msgspec.msgpack.Decoder(Holding)
+_dec_crcs = msgspec.msgpack.Decoder(ChunkCrcs)
 
+MAX_VALUE = 64 << 10  # no record the directory writes or reads is larger
 MAX_NODE_RECORD = 4 << 10  # a NodeInfo is ~100 bytes
-# A holding is two zlib streams of at most MAX_CHUNKS/8 and 4 bytes a chunk; CRCs of random
-# data do not compress: 8 MiB holds 2M chunks (128 TiB of 64 MiB chunks).
-MAX_HOLDING_RECORD = 8 << 20
+MAX_FILES = 1 << 16  # files a version may have: two bitmaps of 8 KiB at most
+PAGE = 8192  # chunk CRCs a manifest key: 32 KiB (CRCs of random data do not compress)
 # Placement weight cap, as a multiple of this node's capacity: nodes of different sizes
 # exist, but one record claiming a huge capacity must not make its node own every chunk.
 MAX_WEIGHT_RATIO = 4
@@ -96,11 +128,12 @@ _LOGGED_KEYS = 1024  # rejects are logged once per key, for at most this many ke
 INFO_CHECK = 1.0  # seconds between looks at our NodeInfo
 INFO_REFRESH = 10.0  # status-only fields are rewritten at most this often while changing
 RETRY_BASE, RETRY_MAX = 0.5, 5.0  # reconnect backoff (full jitter), seconds
-# Raw holdings of models not joined, as the watch delivered them, so that a join (even while
+# Raw holdings of versions not joined, as the watch delivered them, so that a join (even while
 # etcd is out) knows the holders at once; bounded: past it, a join reads etcd as before.
-STASH_MAX = 64 << 20
+STASH_MAX = 16 << 20
 # Owner tables costing more hashes than this (~1 us each) are computed in a worker thread.
 TABLE_INLINE = 8192
+_NONE = PeerState(False, False, False)
 
 
 def check_node(info: NodeInfo, node: str) -> None:
@@ -120,28 +153,82 @@ def placement_weight(capacity: int, own_capacity: int) -> float:
     return float(min(max(capacity, 0), MAX_WEIGHT_RATIO * max(own_capacity, 0)))
 
 
-_Others = dict[str, tuple[set[int], list[int]]]  # node -> (held, crcs)
-_Stash = dict[str, dict[str, tuple[int, bytes]]]  # model -> node -> (revision, raw holding)
+class _Held(msgspec.Struct, frozen=True):
+    complete: frozenset[int]
+    partial: frozenset[int]
+    loading: bool
+
+
+_Others = dict[str, _Held]
+_Stash = dict[str, dict[str, tuple[int, bytes]]]  # version -> node -> (revision, raw holding)
 _Members = tuple[tuple[str, float], ...]  # (node, placement weight), sorted
 
 
 class _Model:
-    """What this node knows of one model: its own chunks and every live node's."""
+    """What this node knows of one version: its files, its own state and every member's."""
 
-    def __init__(self, chunks: int) -> None:
-        self.chunks = chunks
-        self.mine: dict[int, int] = {}  # chunk -> crc
-        self.others: _Others = {}  # node -> (held, crcs)
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.sizes = [chunk_count(f.size, manifest.chunk_size) for f in manifest.files]
+        self.chunks = sum(self.sizes)
+        self.complete: set[int] = set()  # ours
+        self.partial: set[int] = set()
+        self.loading = 0  # loads and prefetches of it running here
+        self.others: _Others = {}
         # node -> etcd mod_revision of the last record (or deletion) applied: a re-read of the
-        # model's holdings racing the watch must not bring back an older record.
+        # version's holdings racing the watch must not bring back an older record.
         self.revs: dict[str, int] = {}
         self.gen = 0  # bumped when the set of nodes in ``others`` changes
+        self.crcs: dict[int, list[int]] = {}  # file -> its chunks' CRCs, checked
+        self.pages: dict[int, dict[int, list[int]]] = {}  # file -> page -> CRCs, until whole
+        self.published: set[int] = set()  # files whose CRCs etcd has (or we wrote)
         # The owner table, for ``members``; ``stamp`` says for which generations it was
         # checked (Cluster._stamp): while it matches, the table is current without a look.
         self.table: list[str] = []
         self.members: _Members | None = None
         self.stamp: tuple[int, int, int] | None = None
         self.computing: tuple[_Members, asyncio.Future[list[str]]] | None = None
+
+    def record(self, node: str) -> Holding:
+        n = len(self.sizes)
+        return Holding(
+            node,
+            n,
+            encode_bitmap(self.complete, n),
+            encode_bitmap(self.partial - self.complete, n),
+            self.loading > 0,
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.complete or self.partial or self.loading)
+
+    def add_page(self, rec: ChunkCrcs) -> None:
+        """Take one CRC page; a file's CRCs count once all its pages are in and combine to
+        the file's CRC-32 (else ProtocolError, and the file's pages are dropped)."""
+        f = rec.file
+        if not 0 <= f < len(self.sizes):
+            raise ProtocolError(f"file {f} of {len(self.sizes)}")
+        entry = self.manifest.files[f]
+        if entry.crc32 is None:
+            return  # nothing to check them against: not used
+        want = min(PAGE, self.sizes[f] - rec.page * PAGE)
+        if rec.page < 0 or want <= 0 or rec.chunks != want:
+            raise ProtocolError(f"page {rec.page} of {rec.chunks} chunks, file has {self.sizes[f]}")
+        pages = self.pages.setdefault(f, {})
+        pages[rec.page] = decode_crcs(rec.crcs, rec.chunks)
+        if len(pages) < -(-self.sizes[f] // PAGE):
+            return  # more to come
+        del self.pages[f]
+        crcs = [c for p in sorted(pages) for c in pages[p]]
+        lengths = [
+            min(self.manifest.chunk_size, entry.size - i * self.manifest.chunk_size)
+            for i in range(self.sizes[f])
+        ]
+        if combine_chunks(zip(crcs, lengths, strict=True)) != entry.crc32:
+            raise ProtocolError(f"chunk CRCs of {entry.path} do not combine to its CRC-32")
+        self.crcs[f] = crcs
+        self.published.add(f)
 
 
 class Cluster:
@@ -186,24 +273,23 @@ class Cluster:
         self.nodes: dict[str, NodeInfo] = {}
         self.models: dict[str, _Model] = {}
         self._dirty: set[str] = set()
-        self._leaving: set[str] = set()  # models whose holding we delete (see leave)
-        self._written: dict[str, bytes] = {}  # fingerprint -> our holding as etcd has it
+        self._leaving: set[str] = set()  # versions whose holding we delete (see leave)
+        self._sweep: set[str] = set()  # versions whose CRC pages may have no holder left
+        self._written: dict[str, bytes] = {}  # version -> our holding as etcd has it
         self._info: NodeInfo | None = None  # our NodeInfo as etcd has it (None: to write)
         self._info_at = 0.0
         self._info_seen: NodeInfo | None = None  # as it was at the previous look
         self._stash: _Stash = {}
         self._stash_bytes = 0
-        self._manifests_pending: dict[str, bytes] = {}  # fingerprint -> compressed manifest
-        self._manifests_published: set[str] = set()
+        self._crcs_pending: dict[tuple[str, int], list[int]] = {}  # (version, file) -> CRCs
         self._changed = asyncio.Event()
         self._gen = 0  # bumped when a node comes, goes or changes capacity, or the view is replaced
-        # model -> chunk index -> futures of the fetches waiting for the chunk (wait_chunk)
-        self._waiters: dict[str, dict[int, list[asyncio.Future[None]]]] = {}
-        self._unread: set[str] = set()  # joined models whose holdings are still to be read
+        self._unread: set[str] = set()  # joined versions whose records are still to be read
         self._wake_reader = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
         self._lease: int | None = None  # lease id, kept across reconnects while etcd has it
+        self.puts = 0  # writes to etcd (puts, deletes, transactions): bench/scale.py reads it
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -299,7 +385,6 @@ class Cluster:
             self._drop_timer = None
         self.healthy, self.degraded, self.last_error = True, False, ""
         self._notify()
-        self._wake_all()
 
     def _set_disconnected(self) -> None:
         if not self.healthy:
@@ -312,7 +397,6 @@ class Cluster:
         self.healthy, self.degraded, self._lost_at = False, True, time.monotonic()
         self._drop_timer = asyncio.get_running_loop().call_later(self.grace, self._drop_view)
         self._notify()
-        self._wake_all()  # degraded: owners are not waited for
 
     def _drop_view(self) -> None:
         log.warning(
@@ -329,26 +413,27 @@ class Cluster:
         self._stash_bytes = 0
         self._gen += 1
         self._notify()
-        self._wake_all()
 
     async def _put(self, key: str, value: bytes) -> None:
+        self.puts += 1
         await self._client.put(self.prefix + key.encode(), value, lease=self._lease)
 
+    async def _read(self, prefix: str) -> tuple[list[KeyValue], int]:
+        return await get_prefix_paged(self._client, self.prefix + prefix.encode())
+
     async def _load_snapshot(self) -> int:
-        """Read the members, then the holdings of the models we joined (never the whole
-        prefix: manifests accumulate there), and only then replace the view: a degraded node
-        keeps using its last one until the new one is whole. The watch starts at the members'
-        revision, so what changed during the later reads is replayed; per-key revisions keep
-        the newest."""
-        result = await self._client.get_prefix(self.prefix + b"nodes/")
-        fps = list(self.models)
-        self._unread.difference_update(fps)  # joined later: left to the reader
-        holdings = [
-            kv
-            for fp in fps
-            for kv in await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
-        ]
-        others = {fp: m.others for fp, m in self.models.items()}
+        """Read the members, then the records of the versions we joined (never the whole
+        prefix), and only then replace the view: a degraded node keeps using its last one
+        until the new one is whole. The watch starts at the members' revision, so what
+        changed during the later reads is replayed; per-key revisions keep the newest."""
+        nodes, revision = await self._read("nodes/")
+        vids = list(self.models)
+        self._unread.difference_update(vids)  # joined later: left to the reader
+        records: list[KeyValue] = []
+        for vid in vids:
+            records += (await self._read(f"holdings/{vid}/"))[0]
+            records += (await self._read(f"manifests/{vid}/"))[0]
+        others = {vid: m.others for vid, m in self.models.items()}
         last = ({**self._lingering, **self.nodes}, others, self._stash)
         self.nodes.clear()
         for m in self.models.values():
@@ -356,13 +441,12 @@ class Cluster:
             m.revs.clear()
         # What the watch stashed is not replayed across the gap: it may be stale.
         self._stash, self._stash_bytes = {}, 0
-        for kv in [*result, *holdings]:
+        for kv in [*nodes, *records]:
             self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
         if self.degraded:
             self._linger(*last)
         self._gen += 1  # the view was replaced
-        self._wake_all()
-        return int(result.header.revision)
+        return revision
 
     def _linger(
         self, nodes: dict[str, NodeInfo], others: dict[str, _Others], stash: _Stash
@@ -396,21 +480,20 @@ class Cluster:
                 self._stash_holding(fp, node, 0, None)
         self._lingering.clear()
         self._notify()
-        self._wake_all()
 
-    async def _read_holdings(self, fp: str) -> None:
-        result = await self._client.get_prefix(self.prefix + f"holdings/{fp}/".encode())
-        for kv in result:
-            self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+    async def _read_version(self, vid: str) -> None:
+        for prefix in (f"holdings/{vid}/", f"manifests/{vid}/"):
+            for kv in (await self._read(prefix))[0]:
+                self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
 
     async def _reader(self) -> None:
-        """Read the holdings of each model joined since the snapshot: they are decoded only
-        for joined models, so those published before the join are fetched now."""
+        """Read the records of each version joined since the snapshot: they are decoded only
+        for joined versions, so those published before the join are fetched now."""
         while True:
             await self._wake_reader.wait()
             self._wake_reader.clear()
             while self._unread:
-                await self._read_holdings(self._unread.pop())
+                await self._read_version(self._unread.pop())
 
     async def _follow(self, revision: int) -> None:
         watch = await self._client.watch_prefix(self.prefix, start_revision=revision + 1)
@@ -472,41 +555,80 @@ class Cluster:
             self._info, self._info_at = info, now
 
     async def _publish_dirty(self) -> None:
-        for fp, blob in list(self._manifests_pending.items()):
-            # Not under the lease: a model's manifest outlives the nodes that loaded it.
-            await self._client.put(self.prefix + f"manifests/{fp}".encode(), blob)
-            self._manifests_published.add(fp)
-            del self._manifests_pending[fp]
         while self._leaving:
-            fp = self._leaving.pop()
-            if fp in self.models:
+            vid = self._leaving.pop()
+            if vid in self.models:
                 continue  # joined again meanwhile
-            self._written.pop(fp, None)  # first: the delete's own event must not rewrite it
+            self._written.pop(vid, None)  # first: the delete's own event must not rewrite it
             try:
-                await self._client.delete(self.prefix + f"holdings/{fp}/{self.node_id}".encode())
+                self.puts += 1
+                await self._client.delete(self.prefix + f"holdings/{vid}/{self.node_id}".encode())
             except BaseException:
-                self._leaving.add(fp)
+                self._leaving.add(vid)
                 raise
         while self._dirty:
-            fp = self._dirty.pop()
-            m = self.models.get(fp)
+            vid = self._dirty.pop()
+            m = self.models.get(vid)
             if m is None:
                 continue
-            rec = Holding(
-                self.node_id,
-                m.chunks,
-                encode_bitmap(m.mine, m.chunks),
-                encode_crcs(m.mine, m.chunks),
-            )
-            blob = _enc.encode(rec)
-            if self._written.get(fp) == blob:
+            if m.empty:  # neither holding nor loading it: no record (not a member)
+                if self._written.pop(vid, None) is not None:
+                    self.puts += 1
+                    try:
+                        await self._client.delete(
+                            self.prefix + f"holdings/{vid}/{self.node_id}".encode()
+                        )
+                    except BaseException:
+                        self._written[vid] = b""  # still there, as far as we know
+                        self._dirty.add(vid)
+                        raise
+                continue
+            blob = _enc.encode(m.record(self.node_id))
+            if self._written.get(vid) == blob:
                 continue  # e.g. a re-join on revalidation: etcd has it already
             try:
-                await self._put(f"holdings/{fp}/{self.node_id}", blob)
+                await self._put(f"holdings/{vid}/{self.node_id}", blob)
             except BaseException:
-                self._dirty.add(fp)
+                self._dirty.add(vid)
                 raise
-            self._written[fp] = blob
+            self._written[vid] = blob
+        while self._crcs_pending:
+            (vid, f), crcs = self._crcs_pending.popitem()
+            m = self.models.get(vid)
+            if m is None or f in m.published:
+                continue
+            try:
+                await self._put_crcs(vid, f, crcs)
+            except BaseException:
+                self._crcs_pending[(vid, f)] = crcs
+                raise
+            m.published.add(f)
+        while self._sweep:
+            await self._sweep_manifest(self._sweep.pop())
+
+    async def _put_crcs(self, vid: str, f: int, crcs: list[int]) -> None:
+        """Write a file's CRC pages unless a page is there already (a transaction: the first
+        node to verify the file writes them, for the cluster; not under our lease)."""
+        tx = self._client.transactions
+        for page in range(-(-len(crcs) // PAGE)):
+            part = crcs[page * PAGE : (page + 1) * PAGE]
+            rec = ChunkCrcs(f, page, len(part), encode_crcs(dict(enumerate(part)), len(part)))
+            key = self.prefix + f"manifests/{vid}/{f}/{page}".encode()
+            self.puts += 1
+            await self._client.transaction(
+                compare=[tx.version(key) == 0],
+                success=[tx.put(key, _enc.encode(rec))],
+                failure=[],
+            )
+
+    async def _sweep_manifest(self, vid: str) -> None:
+        """Delete a version's CRC pages if no node holds the version any more."""
+        left, _ = await get_prefix_paged(
+            self._client, self.prefix + f"holdings/{vid}/".encode(), page=1, keys_only=True
+        )
+        if not left:
+            self.puts += 1
+            await self._client.delete_prefix(self.prefix + f"manifests/{vid}/".encode())
 
     def _apply(self, key: bytes, value: bytes, revision: int, *, deleted: bool) -> None:
         try:
@@ -515,6 +637,8 @@ class Cluster:
                 self._apply_node(parts, value, deleted)
             elif parts[0] == "holdings":
                 self._apply_holding(parts, value, revision, deleted)
+            elif parts[0] == "manifests":
+                self._apply_crcs(parts, value, deleted)
         except (UnicodeDecodeError, msgspec.DecodeError, ProtocolError) as e:
             self._reject(key, str(e))
         self._notify()
@@ -530,7 +654,6 @@ class Cluster:
             new = self.nodes.get(node)
             if (old is None) != (new is None) or (old and new and old.capacity != new.capacity):
                 self._gen += 1  # owners may have changed
-                self._wake_all()
 
     def _apply_node_record(self, node: str, value: bytes, deleted: bool) -> None:
         if deleted:
@@ -551,70 +674,90 @@ class Cluster:
 
     def _apply_holding(self, parts: list[str], value: bytes, revision: int, deleted: bool) -> None:
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ProtocolError("not holdings/<model>/<node>")
-        fp, node = parts[1], parts[2]
+            raise ProtocolError("not holdings/<version>/<node>")
+        vid, node = parts[1], parts[2]
+        if deleted and self._janitor(vid):
+            self._sweep.add(vid)  # perhaps the last holder gone: its CRC pages with it
         if node == self.node_id:
-            if deleted and self._written.pop(fp, None) is not None:
-                self._dirty.add(fp)  # deleted behind our back: write it again
+            if deleted and self._written.pop(vid, None) is not None:
+                self._dirty.add(vid)  # deleted behind our back: write it again
             return
         if deleted and node in self._lingering:
             return  # its lease expired in an outage: see _linger
-        m = self.models.get(fp)
-        if m is None:  # not a model we joined (nothing to check it against): kept raw
-            self._stash_holding(fp, node, revision, None if deleted else value)
+        m = self.models.get(vid)
+        if m is None:  # not a version we joined (nothing to check it against): kept raw
+            self._stash_holding(vid, node, revision, None if deleted else value)
             return
         if revision < m.revs.get(node, 0):
             return  # older than what we applied: a re-read that raced the watch
         m.revs[node] = revision
         prev = m.others.pop(node, None)
         try:
-            self._apply_holding_record(m, node, value, deleted)
+            if not deleted:
+                m.others[node] = self._decode_holding(m, node, value)
         finally:
-            self._holding_changed(fp, m, node, prev)
+            if (prev is None) != (node not in m.others):
+                m.gen += 1  # a member came or went: its owners may have changed
 
-    def _apply_holding_record(self, m: _Model, node: str, value: bytes, deleted: bool) -> None:
-        if deleted:
-            return
-        if len(value) > MAX_HOLDING_RECORD:
-            raise ProtocolError(f"{len(value)} bytes, more than {MAX_HOLDING_RECORD}")
+    @staticmethod
+    def _decode_holding(m: _Model, node: str, value: bytes) -> _Held:
+        if len(value) > MAX_VALUE:
+            raise ProtocolError(f"{len(value)} bytes, more than {MAX_VALUE}")
         rec = _dec_holding.decode(value)
         if rec.node != node:
             raise ProtocolError(f"holding of node {rec.node!r} under another node's key")
-        if rec.chunks != m.chunks:  # our own manifest says how many: the bound of the decode
-            raise ProtocolError(f"{rec.chunks} chunks, the model has {m.chunks}")
-        m.others[node] = (decode_bitmap(rec.held, m.chunks), decode_crcs(rec.crcs, m.chunks))
+        n = len(m.sizes)
+        if rec.files != n:  # our own manifest says how many: the bound of the decode
+            raise ProtocolError(f"{rec.files} files, the version has {n}")
+        return _Held(
+            frozenset(decode_bitmap(rec.complete, n)),
+            frozenset(decode_bitmap(rec.partial, n)),
+            rec.loading,
+        )
 
-    def _holding_changed(
-        self, fp: str, m: _Model, node: str, prev: tuple[set[int], list[int]] | None
-    ) -> None:
-        """Wake the fetches waiting for chunks this record newly shows held; all of the
-        model's if the node joined or left it (its owners may have changed)."""
-        now = m.others.get(node)
-        if (prev is None) != (now is None):
-            m.gen += 1
-            self._wake_model(fp)
+    def _apply_crcs(self, parts: list[str], value: bytes, deleted: bool) -> None:
+        m = self.models.get(parts[1]) if len(parts) > 1 else None
+        if m is None:
+            return  # decoded only for joined versions
+        if len(parts) != 4 or not all(parts[1:]):
+            raise ProtocolError("not manifests/<version>/<file>/<page>")
+        if deleted:  # swept while we joined: what we hold whole is written again
+            f = int(parts[2]) if parts[2].isdigit() else -1
+            m.published.discard(f)
+            if f in m.complete and f in m.crcs:
+                self._crcs_pending[(parts[1], f)] = m.crcs[f]
             return
-        waiting = self._waiters.get(fp)
-        if now is None or not waiting:
+        if len(value) > MAX_VALUE:
+            raise ProtocolError(f"{len(value)} bytes, more than {MAX_VALUE}")
+        rec = _dec_crcs.decode(value)
+        if f"{rec.file}/{rec.page}" != f"{parts[2]}/{parts[3]}":
+            raise ProtocolError("page under another page's key")
+        if rec.file in m.crcs:
             return
-        held, before = now[0], prev[0] if prev is not None else set()
-        for index in [i for i in waiting if i in held and i not in before]:
-            self._wake(waiting.pop(index))
-        if not waiting:
-            del self._waiters[fp]
+        try:
+            m.add_page(rec)
+        except ProtocolError:
+            m.pages.pop(rec.file, None)
+            raise
 
-    def _stash_holding(self, fp: str, node: str, revision: int, value: bytes | None) -> None:
-        held = self._stash.setdefault(fp, {})
+    def _janitor(self, vid: str) -> bool:
+        """Are we the live node that deletes the version's CRC pages when its last holder
+        goes? One node (rendezvous over all live nodes), so one read, not one per node."""
+        members = tuple((n, 1.0) for n in sorted({*self.nodes, self.node_id}))
+        return self.healthy and owner(f"janitor/{vid}", members) == self.node_id
+
+    def _stash_holding(self, vid: str, node: str, revision: int, value: bytes | None) -> None:
+        held = self._stash.setdefault(vid, {})
         old = held.pop(node, None)
         if old is not None:
-            self._stash_bytes -= len(fp) + len(node) + len(old[1])
-        if value is not None and len(value) <= MAX_HOLDING_RECORD:
-            size = len(fp) + len(node) + len(value)
+            self._stash_bytes -= len(vid) + len(node) + len(old[1])
+        if value is not None and len(value) <= MAX_VALUE:
+            size = len(vid) + len(node) + len(value)
             if self._stash_bytes + size <= STASH_MAX:
                 held[node] = (revision, value)
                 self._stash_bytes += size
         if not held:
-            del self._stash[fp]
+            del self._stash[vid]
 
     def _reject(self, key: bytes, why: str) -> None:
         self.rejected_records += 1
@@ -627,105 +770,165 @@ class Cluster:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    # -- what the fetch scheduler asks ------------------------------------------------------------
-    def join(self, fp: str, chunks: int, manifest: Manifest | None = None) -> None:
-        """Say we want this model (an empty holding counts as interest in ownership), and
-        publish its manifest once for the cluster."""
-        existing = self.models.get(fp)
-        if existing is None or existing.chunks != chunks:
-            self.models[fp] = _Model(chunks)
-            # Holdings are decoded only for joined models: those the watch brought are known
-            # now (even with etcd out); those published before we connected are read.
-            for node, (revision, value) in self._stash.pop(fp, {}).items():
-                self._stash_bytes -= len(fp) + len(node) + len(value)
-                key = self.prefix + f"holdings/{fp}/{node}".encode()
-                self._apply(key, value, revision, deleted=False)
-            self._unread.add(fp)
-            self._wake_reader.set()
-        if manifest is not None and fp not in self._manifests_published:
-            self._manifests_pending[fp] = zlib.compress(_enc.encode(manifest), 6)
-        self._dirty.add(fp)
-
-    def mark_held(self, fp: str, index: int, crc: int) -> None:
-        m = self.models[fp]
-        m.mine[index] = crc
-        self._dirty.add(fp)
-
-    def leave(self, fp: str) -> None:
-        """We hold none of this model and load none of it: delete our holding, so we are no
-        longer interested (an owner a new cold load would wait on, a holder to ask)."""
-        if self.models.pop(fp, None) is None:
+    # -- what this node tells the directory ----------------------------------------------------
+    def join(self, vid: str, manifest: Manifest) -> None:
+        """Take part in this version: hold records of it, be told of its members."""
+        existing = self.models.get(vid)
+        if existing is not None:
             return
-        self._dirty.discard(fp)
-        self._leaving.add(fp)
+        m = self.models[vid] = _Model(manifest)
+        if len(m.sizes) > MAX_FILES:
+            raise ConfigError(f"{len(m.sizes)} files: a version has at most {MAX_FILES}")
+        # Records are decoded only for joined versions: those the watch brought are known now
+        # (even with etcd out); those published before we connected are read.
+        for node, (revision, value) in self._stash.pop(vid, {}).items():
+            self._stash_bytes -= len(vid) + len(node) + len(value)
+            key = self.prefix + f"holdings/{vid}/{node}".encode()
+            self._apply(key, value, revision, deleted=False)
+        self._unread.add(vid)
+        self._wake_reader.set()
+        self._dirty.add(vid)
+
+    def begin_loading(self, vid: str) -> None:
+        """A load or prefetch of the version starts here: we own chunks others will ask us
+        for (and wait on), until ``end_loading``."""
+        m = self.models[vid]
+        m.loading += 1
+        if m.loading == 1:
+            self._dirty.add(vid)
+
+    def end_loading(self, vid: str) -> None:
+        m = self.models.get(vid)
+        if m is None or m.loading == 0:
+            return
+        m.loading -= 1
+        if m.loading == 0:
+            self._dirty.add(vid)
+
+    def chunk_held(self, vid: str, f: int) -> None:
+        """Some chunk of file ``f`` is held here (a partial file: its owned chunks are
+        asked of us)."""
+        m = self.models[vid]
+        if f not in m.partial and f not in m.complete:
+            m.partial.add(f)
+            self._dirty.add(vid)
+
+    def file_complete(self, vid: str, f: int, crcs: list[int] | None = None) -> None:
+        """File ``f`` is held whole and verified; ``crcs``, its chunk CRC-32s (checked
+        against crc32.txt), are written for the cluster if etcd has none yet."""
+        m = self.models[vid]
+        if f not in m.complete:
+            m.complete.add(f)
+            m.partial.discard(f)
+            self._dirty.add(vid)
+        if crcs is not None and f not in m.published and m.manifest.files[f].crc32 is not None:
+            m.crcs[f] = list(crcs)
+            self._crcs_pending[(vid, f)] = list(crcs)
+
+    def file_dropped(self, vid: str, f: int) -> None:
+        m = self.models.get(vid)
+        if m is not None and (f in m.complete or f in m.partial):
+            m.complete.discard(f)
+            m.partial.discard(f)
+            self._dirty.add(vid)
+
+    def is_loading(self, vid: str) -> bool:
+        m = self.models.get(vid)
+        return m is not None and m.loading > 0
+
+    def leave(self, vid: str) -> None:
+        """We hold none of this version and load none of it: delete our holding, so we are no
+        longer a member (an owner a new cold load would wait on, a holder to ask)."""
+        if self.models.pop(vid, None) is None:
+            return
+        self._dirty.discard(vid)
+        self._leaving.add(vid)
         self._notify()
 
-    def drop(self, fp: str, indexes: list[int]) -> None:
-        m = self.models.get(fp)
-        if m is not None:
-            for i in indexes:
-                m.mine.pop(i, None)
-            self._dirty.add(fp)
+    # -- what the fetch scheduler asks ---------------------------------------------------------
+    def holders(self, vid: str, f: int) -> list[str]:
+        """Live nodes (not us) that hold file ``f`` whole."""
+        return self._holding(vid, f, whole=True)
 
-    def anyone_holds(self, fp: str) -> bool:
-        m = self.models.get(fp)
+    def partial_holders(self, vid: str, f: int) -> list[str]:
+        """Live nodes (not us) that hold some chunks of file ``f``."""
+        return self._holding(vid, f, whole=False)
+
+    def _holding(self, vid: str, f: int, *, whole: bool) -> list[str]:
+        m = self.models.get(vid)
+        if m is None or not self.view_usable:
+            return []
+        return [
+            node
+            for node, held in m.others.items()
+            if f in (held.complete if whole else held.partial)
+            and (node in self.nodes or node in self._lingering)
+        ]
+
+    def state(self, vid: str, node: str, f: int) -> PeerState:
+        """What ``node``'s holding says of file ``f`` (nothing if it has none)."""
+        m = self.models.get(vid)
+        held = m.others.get(node) if m is not None and self.view_usable else None
+        if held is None:
+            return _NONE
+        return PeerState(f in held.complete, f in held.partial, held.loading)
+
+    def chunk_crc(self, vid: str, f: int, index: int) -> int | None:
+        """Chunk ``index`` of file ``f``'s CRC-32 as the version's CRC pages give it (checked
+        to combine to the file's CRC-32), if etcd has them."""
+        m = self.models.get(vid)
+        crcs = m.crcs.get(f) if m is not None else None
+        return crcs[index] if crcs is not None and 0 <= index < len(crcs) else None
+
+    def anyone_holds(self, vid: str) -> bool:
+        m = self.models.get(vid)
         return m is not None and any(
-            held for node, (held, _) in m.others.items() if node in self.nodes
+            h.complete or h.partial for node, h in m.others.items() if node in self.nodes
         )
 
-    def interested(self, fp: str) -> frozenset[str]:
-        """Live nodes (us included) that have registered the model."""
-        m = self.models.get(fp)
+    def interested(self, vid: str) -> frozenset[str]:
+        """Live members of the version, us included."""
+        m = self.models.get(vid)
         others = [n for n in (m.others if m else {}) if n in self.nodes]
         return frozenset([self.node_id, *others])
 
     def live_peers(self) -> list[NodeInfo]:
         return [n for nid, n in self.nodes.items() if nid != self.node_id]
 
-    def holders(self, fp: str, index: int) -> dict[str, int]:
-        """Live nodes (not us) holding the chunk -> the CRC each published for it."""
-        m = self.models.get(fp)
-        if m is None or not self.view_usable:
-            return {}
-        return {
-            node: crcs[index]
-            for node, (held, crcs) in m.others.items()
-            if index in held and (node in self.nodes or node in self._lingering)
-        }
-
-    def owner(self, fp: str, key: str) -> str:
-        """The live, interested node that should fetch ``key`` from origin (us if unsure).
-        A chunk's key, ``f"{fp}/{index}"``, is looked up in the model's owner table (as
+    def owner(self, vid: str, key: str) -> str:
+        """The live member that should fetch ``key`` from origin (us if unsure). A chunk's
+        key, ``f"{vid}/{index}"``, is looked up in the version's owner table (as
         ``chunk_owner``); any other key gets plain rendezvous among the same members."""
-        m = self.models.get(fp)
+        m = self.models.get(vid)
         if not self.view_usable or m is None:
             return self.node_id
-        index = key[len(fp) + 1 :] if key.startswith(f"{fp}/") else ""
+        index = key[len(vid) + 1 :] if key.startswith(f"{vid}/") else ""
         if index.isdigit() and int(index) < m.chunks:
-            return self.chunk_owner(fp, int(index))
+            return self.chunk_owner(vid, int(index))
         return owner(key, self._members(m)) or self.node_id
 
-    def chunk_owner(self, fp: str, index: int) -> str:
-        """The owner of chunk ``index`` (of the model's flat chunk range) in the owner table:
-        computed here if not current (``owners_ready`` computes a large one off the loop)."""
-        m = self.models.get(fp)
+    def chunk_owner(self, vid: str, index: int) -> str:
+        """The owner of chunk ``index`` (of the version's flat chunk range) in the owner
+        table: computed here if not current (``owners_ready`` computes a large one off the
+        loop)."""
+        m = self.models.get(vid)
         if not self.view_usable or m is None or not 0 <= index < m.chunks:
             return self.node_id
         stamp = self._stamp(m)
         if m.stamp != stamp:
             members = self._members(m)
             if members != m.members:
-                m.table, m.members = owner_table(fp, m.chunks, members), members
+                m.table, m.members = owner_table(vid, m.chunks, members), members
             m.stamp = stamp
         return m.table[index] if m.table else self.node_id
 
-    async def owners_ready(self, fp: str) -> bool:
-        """Make the model's owner table current, computing a large one in a worker thread
+    async def owners_ready(self, vid: str) -> bool:
+        """Make the version's owner table current, computing a large one in a worker thread
         (one computation for all the fetches that ask). True if it waited for one (the
         directory may have changed meanwhile)."""
         waited = False
         for _ in range(3):  # members that keep changing: chunk_owner computes it inline
-            m = self.models.get(fp)
+            m = self.models.get(vid)
             if m is None or not self.view_usable:
                 return waited
             stamp = self._stamp(m)
@@ -736,20 +939,20 @@ class Cluster:
                 m.stamp = stamp
                 return waited
             if table_cost(m.chunks, len(members)) <= TABLE_INLINE:
-                m.table, m.members, m.stamp = owner_table(fp, m.chunks, members), members, stamp
+                m.table, m.members, m.stamp = owner_table(vid, m.chunks, members), members, stamp
                 return waited
             if m.computing is None or m.computing[0] != members:
                 loop = asyncio.get_running_loop()
                 m.computing = (
                     members,
-                    loop.run_in_executor(None, owner_table, fp, m.chunks, members),
+                    loop.run_in_executor(None, owner_table, vid, m.chunks, members),
                 )
             job = m.computing[1]
             table = await asyncio.shield(job)
             waited = True
             if m.computing is not None and m.computing[1] is job:
                 m.computing = None
-            if self.models.get(fp) is m and m.members != members:
+            if self.models.get(vid) is m and m.members != members:
                 m.table, m.members, m.stamp = table, members, None  # checked on the next turn
         return waited
 
@@ -766,40 +969,6 @@ class Cluster:
         ]
         return tuple(sorted(members))
 
-    async def wait_chunk(self, fp: str, index: int, timeout: float) -> bool:
-        """Wait until a holding newly shows chunk ``index`` of ``fp`` held, or the model's
-        owners or the view may have changed; False on timeout."""
-        f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(fp, {}).setdefault(index, []).append(f)
-        try:
-            await asyncio.wait_for(f, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            waiting = self._waiters.get(fp, {})
-            fs = waiting.get(index, [])
-            if f in fs:  # not woken (a wake takes the list away)
-                fs.remove(f)
-                if not fs:
-                    del waiting[index]
-                if not waiting:
-                    del self._waiters[fp]
-
-    @staticmethod
-    def _wake(futures: list[asyncio.Future[None]]) -> None:
-        for f in futures:
-            if not f.done():
-                f.set_result(None)
-
-    def _wake_model(self, fp: str) -> None:
-        for futures in self._waiters.pop(fp, {}).values():
-            self._wake(futures)
-
-    def _wake_all(self) -> None:
-        for fp in list(self._waiters):
-            self._wake_model(fp)
-
     def address(self, node: str) -> str | None:
         info = self.nodes.get(node) or self._lingering.get(node)
         return info.address if info else None
@@ -812,25 +981,18 @@ class Cluster:
         except TimeoutError:
             return False
 
-    def min_copies(self, fp: str, start: int, stop: int) -> int:
-        """The fewest live copies (us included) of any chunk in ``[start, stop)``: only that
-        range is counted, so eviction can ask it for every candidate file cheaply."""
-        m = self.models.get(fp)
-        if m is None or start >= stop:
-            return 0
-        holders = [held for node, (held, _) in m.others.items() if node in self.nodes]
-        return min((i in m.mine) + sum(i in held for held in holders) for i in range(start, stop))
-
-    def copies(self, fp: str) -> list[int]:
-        """How many live nodes (us included) hold each chunk of the model."""
-        m = self.models.get(fp)
+    def copies(self, vid: str) -> list[int]:
+        """How many live nodes (us included) hold each file of the version whole."""
+        m = self.models.get(vid)
         if m is None:
             return []
-        counts = [0] * m.chunks
-        for i in m.mine:
-            counts[i] += 1
-        for node, (held, _) in m.others.items():
-            if node in self.nodes:
-                for i in held:
-                    counts[i] += 1
-        return counts
+        live = [h.complete for node, h in m.others.items() if node in self.nodes]
+        return [(f in m.complete) + sum(f in c for c in live) for f in range(len(m.sizes))]
+
+    def file_copies(self, vid: str, f: int) -> int:
+        """How many live nodes (us included) hold file ``f`` whole."""
+        m = self.models.get(vid)
+        if m is None:
+            return 0
+        live = [h.complete for node, h in m.others.items() if node in self.nodes]
+        return (f in m.complete) + sum(f in c for c in live)

@@ -17,12 +17,50 @@ from .._errors import ConfigError
 if TYPE_CHECKING:
     from .._config import DaemonConfig
 
-__all__ = ["EtcdSecurity", "open_client", "parse_endpoint"]
+__all__ = ["EtcdSecurity", "KeyValue", "get_prefix_paged", "open_client", "parse_endpoint"]
 
 # gRPC refuses replies over 4 MiB by default: a directory prefix of many nodes and models
 # grows past that. Records themselves are bounded by the directory (see _directory.py).
 MAX_RECEIVE = 64 * 2**20
 _OPTIONS = {"grpc.max_receive_message_length": MAX_RECEIVE}
+# Keys a range read returns at once: the directory's values are at most 64 KiB, so a page is
+# at most a few MiB whatever the prefix's total (etcd's own request limit is 1.5 MiB a put).
+PAGE_KEYS = 256
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+
+
+async def get_prefix_paged(
+    client: Any, prefix: bytes, *, page: int = PAGE_KEYS, keys_only: bool = False
+) -> tuple[list[KeyValue], int]:
+    """Every key under ``prefix`` as of one revision, read ``page`` keys at a time (aetcd's
+    get_prefix reads the whole range in one reply); returns them and that revision."""
+    import aetcd.utils
+    from aetcd import exceptions, rpc
+
+    end = aetcd.utils.prefix_range_end(prefix)
+    key, revision = prefix, 0
+    out: list[KeyValue] = []
+    while True:
+        request = client._build_get_range_request(key=key, range_end=end, keys_only=keys_only)
+        request.limit = page
+        request.revision = revision  # 0 on the first page: the current one
+        try:
+            reply = await client.kvstub.Range(
+                request, timeout=client._timeout, metadata=client.metadata
+            )
+        except rpc.AioRpcError as e:  # as aetcd's @_handle_errors does
+            exceptions._handle_exception(e)
+        revision = revision or int(reply.header.revision)
+        out += [KeyValue(kv.key, kv.value, kv.mod_revision) for kv in reply.kvs]
+        if not reply.more or not reply.kvs:
+            return out, revision
+        key = reply.kvs[-1].key + b"\0"
 
 
 @dataclass(frozen=True)

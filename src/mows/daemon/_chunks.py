@@ -8,6 +8,10 @@ Each served chunk goes with its BLAKE3 digest. A chunk that came from a peer has
 the reading worker). Others (adopted after a restart, filled before joining) get it the first
 time a peer asks, from the pool's bytes, re-checked against the chunk's CRC in the same pass:
 a page that rotted in memory is withheld, not vouched for.
+
+A request may wait for a chunk not held yet (we own it and are loading it: peers ask us, not
+etcd, whether it has landed): each waiter has an event of its own, set when that chunk is
+added or its file goes, so one arrival wakes only the requests for it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +30,8 @@ from ..transport import ServedChunk
 log = logging.getLogger("mows.daemon")
 
 __all__ = ["ChunkTable"]
+
+MAX_WAIT = 30.0  # seconds a peer's request may wait for a chunk to land
 
 
 @dataclass
@@ -45,6 +52,8 @@ class ChunkTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._files: dict[tuple[str, str], _Entry] = {}
+        # (model, path) -> chunk index -> the events of the requests waiting for it
+        self._waiting: dict[tuple[str, str], dict[int, list[threading.Event]]] = {}
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}
         self.rotten = 0  # chunks withheld because their bytes no longer match their CRC
@@ -74,10 +83,15 @@ class ChunkTable:
             entry = self._files.get((model, path))
             if entry is not None:
                 entry.chunks[index] = _Chunk(offset, length, crc, digest)
+                for event in self._waiting.get((model, path), {}).pop(index, []):
+                    event.set()
 
     def remove_file(self, model: str, path: str) -> None:
         with self._lock:
             entry = self._files.pop((model, path), None)
+            for events in self._waiting.pop((model, path), {}).values():
+                for event in events:
+                    event.set()  # gone: "not held" at once
         if entry is not None:
             os.close(entry.fd)
 
@@ -85,13 +99,36 @@ class ChunkTable:
         with self._lock:
             return (model, path) in self._files
 
-    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
-        with self._lock:
-            entry = self._files.get((model, path))
-            if entry is None or index not in entry.chunks:
+    def open_chunk(
+        self, model: str, path: str, index: int, wait: float = 0.0
+    ) -> ServedChunk | None:
+        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
+        while True:
+            with self._lock:
+                entry = self._files.get((model, path))
+                if entry is not None and index in entry.chunks:
+                    c = entry.chunks[index]
+                    fd = os.dup(entry.fd)
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or (entry is None and wait <= 0):
+                    return None
+                event = threading.Event()
+                waiters = self._waiting.setdefault((model, path), {}).setdefault(index, [])
+                waiters.append(event)
+            if not event.wait(left):
+                with self._lock:
+                    waiters = self._waiting.get((model, path), {}).get(index, [])
+                    if event in waiters:
+                        waiters.remove(event)
+                        if not waiters:
+                            self._waiting[(model, path)].pop(index, None)
+                        if not self._waiting[(model, path)]:
+                            del self._waiting[(model, path)]
                 return None
-            c = entry.chunks[index]
-            fd = os.dup(entry.fd)
+            with self._lock:
+                if (model, path) not in self._files:
+                    return None  # the file went (a failed fill)
         if c.digest is None:  # outside the lock: hashing a chunk takes milliseconds
             try:
                 c.digest = _digest_checked(fd, c)
@@ -110,6 +147,15 @@ class ChunkTable:
                     self.on_rotten(model, path)
                 return None
         return ServedChunk(fd, c.offset, c.length, c.crc, c.digest)
+
+    def have(self, model: str, path: str) -> bytes:
+        with self._lock:
+            entry = self._files.get((model, path))
+            held = list(entry.chunks) if entry is not None else []
+        bits = bytearray((max(held) // 8 + 1) if held else 0)
+        for i in held:
+            bits[i >> 3] |= 1 << (i & 7)
+        return bytes(bits)
 
     def served(self, peer: str, nbytes: int) -> None:
         with self._lock:

@@ -79,6 +79,7 @@ class Daemon:
             self.fetcher.peering = self.loads.peering = self.peering
             self.pool.last_copy = self.peering.is_last_copy
             self.pool.on_remove = self.peering.file_removed
+            self.pool.on_commit = self.peering.file_ready
             self.chunks.on_rotten = self._rotten_threadsafe
             await self.peering.start(",".join(self.config.etcd))
             for v in list(self.pool.versions.values()):  # adopted: serve them to peers now

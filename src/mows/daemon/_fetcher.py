@@ -1,15 +1,21 @@
 """The one chunk fetcher that loads and prefetch share: a peer holding the chunk, else the
 origin, with a circuit breaker per peer.
 
+Which peer holds a chunk is not in etcd (it records files, see mows.cluster): a node holding
+the file whole is asked first; else the chunk's owner, which on a cold cluster is fetching it
+from the origin and holds our request until it lands (its own arrival answers it: no polling,
+no directory traffic per chunk); else a node holding part of the file whose ``Have`` lists it.
+
 A chunk goes straight into its pool file's mapping from a worker thread. Peer transfers have
 workers of their own: queued behind origin reads they would wait for the origin, and a cold
 cluster would lose its pipelining. A peer that fails, stalls or sends bad bytes opens its
 breaker: it is skipped by every fetch for a while (longer each time it fails again) instead of
 each chunk remembering whom it tried.
 
-While etcd is out (the cluster ``degraded``), peers are still tried from the last view, but
-owners are not waited for (their progress cannot be seen) and origin reads of all loads on
-this node are capped at half the workers: chunks whose peers fail must not stampede the origin.
+While etcd is out (the cluster ``degraded``), peers are still tried, and owners waited for,
+from the last view (a request waiting at an owner needs no etcd), and origin reads of all loads
+on this node are capped at half the workers: chunks whose peers fail must not stampede the
+origin.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ T = TypeVar("T")
 BREAKER_BASE = 1.0  # seconds a failed peer is skipped, doubled per failure in a row
 BREAKER_MAX = 30.0
 QUARANTINE = 300.0  # seconds a peer that sent bytes failing their checks is skipped
+WAIT_MAX = 10.0  # seconds one request may wait at a loading owner for its chunk to land
+HAVE_TTL = 2.0  # seconds a peer's Have answer is reused
+HAVE_ASKS = 64  # partial holders asked for their Have per chunk, at most
+HAVE_CACHE = 4096  # Have answers kept
 
 
 @dataclass
@@ -100,11 +110,13 @@ class ChunkFetcher:
         self.metrics = metrics
         self.peering = peering
         self._origin = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
+        # Requests may wait at an owner for their chunk: threads for them beside transfers.
         self._peers = ThreadPoolExecutor(
-            2 * config.peer_connections, thread_name_prefix="mows-peer"
+            4 * config.peer_connections, thread_name_prefix="mows-peer"
         )
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._breakers: dict[str, _Breaker] = {}
+        self._haves: dict[tuple[str, str, str], tuple[float, bytes]] = {}  # (node, vid, path)
         self._degraded_origin = asyncio.Semaphore(max(1, config.workers // 2))
 
     @property
@@ -149,50 +161,102 @@ class ChunkFetcher:
     async def _from_peers(
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
     ) -> Received | None:
+        """The chunk from a peer, or None: the origin's turn. Asked, in order: a node holding
+        the file whole; the chunk's owner (waiting, while it loads, for the chunk to land
+        there); a node holding the file in part whose ``Have`` lists the chunk."""
         peering = self.peering
         if peering is None:
             return None
         cluster = peering.cluster
-        vid = target.version.id
-        index = target.version.chunk_range(chunk.path)[chunk.index]
+        v = target.version
+        vid, f = v.id, v.file_index(chunk.path)
+        index = v.chunk_range(chunk.path)[chunk.index]
+        want = cluster.chunk_crc(vid, f, chunk.index)  # None: the file's CRC checks it
         deadline: float | None = None
+        asked: set[str] = set()  # asked without a wait: not asked again for this chunk
         while cluster.view_usable:
             now = time.monotonic()
-            holders = {
-                n: c
-                for n, c in cluster.holders(vid, index).items()
-                if self._breakers.get(n, _Breaker()).open_until <= now
-            }
+            holders = [
+                n for n in cluster.holders(vid, f) if n not in asked and self._closed(n, now)
+            ]
             if holders:
                 node = min(holders, key=lambda n: (self._inflight.get(n, 0), random.random()))
-                address = cluster.address(node)
-                if address is None:
-                    self._trip(node)
-                    continue
-                got = await self._from_peer(target, chunk, node, address, holders[node])
+                asked.add(node)  # asked once: a record saying more than the node holds
+                got = await self._from_peer(target, chunk, node, want)
                 if got is not None:
                     return got
                 continue
-            if not wait_for_owner or cluster.degraded:  # no owner's progress to see
-                return None
             if await cluster.owners_ready(vid):
                 continue  # waited for the owner table: look at the holders again
             owner = cluster.chunk_owner(vid, index)
-            if owner == cluster.node_id or not self._closed(owner, now):
-                return None  # ours to fetch, or the owner is failing us: the origin
-            deadline = deadline or now + self.config.peer_timeout
-            if now >= deadline:
-                log.info("no peer delivered %s chunk %d in time: origin", chunk.path, chunk.index)
+            state = cluster.state(vid, owner, f)
+            if owner != cluster.node_id and owner not in asked and self._closed(owner, now):
+                # Waited for over the peer connection: an etcd failover does not stop it.
+                if state.loading and wait_for_owner:
+                    deadline = deadline or now + self.config.peer_timeout
+                    if now < deadline:  # held by the owner until the chunk lands there
+                        wait = min(deadline - now, WAIT_MAX)
+                        got = await self._from_peer(target, chunk, owner, want, wait)
+                        if got is not None:
+                            return got
+                        continue
+                    log.info("no peer delivered %s chunk %d in time", chunk.path, chunk.index)
+                elif state.loading or state.partial:
+                    asked.add(owner)
+                    got = await self._from_peer(target, chunk, owner, want)
+                    if got is not None:
+                        return got
+                    continue
+            part = await self._partial_holder(vid, f, chunk, asked)
+            if part is None:
                 return None
-            # Woken when a holding shows the chunk held, or the owners or the view change;
-            # at least once a second (a breaker may have closed meanwhile).
-            await cluster.wait_chunk(vid, index, min(deadline - now, 1.0))
+            asked.add(part)
+            got = await self._from_peer(target, chunk, part, want)
+            if got is not None:
+                return got
+        return None
+
+    async def _partial_holder(self, vid: str, f: int, chunk: Chunk, asked: set[str]) -> str | None:
+        """A node holding part of the file whose ``Have`` (at most HAVE_TTL old) lists the
+        chunk: e.g. one that prefetched its share before the owners changed."""
+        assert self.peering is not None
+        cluster = self.peering.cluster
+        now = time.monotonic()
+        nodes = [
+            n for n in cluster.partial_holders(vid, f) if n not in asked and self._closed(n, now)
+        ]
+        random.shuffle(nodes)
+        for node in nodes[:HAVE_ASKS]:
+            key = (node, vid, chunk.path)
+            seen = self._haves.get(key)
+            if seen is None or now - seen[0] > HAVE_TTL:
+                address = cluster.address(node)
+                if address is None:
+                    continue
+                try:
+                    held = await asyncio.get_running_loop().run_in_executor(
+                        self._peers, self.peering.client.have, address, vid, chunk.path, node
+                    )
+                except PeerError as e:
+                    log.debug("%s: %s", node, e)
+                    held = b""
+                seen = self._haves[key] = (now, held)
+                if len(self._haves) > HAVE_CACHE:
+                    self._haves.pop(next(iter(self._haves)))
+            held = seen[1]
+            i = chunk.index
+            if i >> 3 < len(held) and held[i >> 3] >> (i & 7) & 1:
+                return node
         return None
 
     async def _from_peer(
-        self, target: FillTarget, chunk: Chunk, node: str, address: str, want: int
+        self, target: FillTarget, chunk: Chunk, node: str, want: int | None, wait: float = 0.0
     ) -> Received | None:
         assert self.peering is not None
+        address = self.peering.cluster.address(node)
+        if address is None:
+            self._trip(node)
+            return None
         self._inflight[node] = self._inflight.get(node, 0) + 1
         started = time.perf_counter()
         try:
@@ -206,8 +270,11 @@ class ChunkFetcher:
                 target,
                 chunk,
                 want,
+                wait,
             )
         except PeerError as e:
+            if e.missing:  # it does not hold the chunk (yet): no fault of the peer's
+                return None
             self._trip(node, quarantine=e.corrupt)
             self.counters.peer_failures += 1
             if e.corrupt:
@@ -261,12 +328,18 @@ class ChunkFetcher:
 
 
 def _fetch_from_peer(
-    peering: Peering, address: str, node: str, target: FillTarget, chunk: Chunk, crc: int
+    peering: Peering,
+    address: str,
+    node: str,
+    target: FillTarget,
+    chunk: Chunk,
+    crc: int | None,
+    wait: float,
 ) -> Received:
     view = target.fill.chunk_view(chunk)
     try:
         return peering.client.fetch(
-            address, target.version.id, chunk.path, chunk.index, view, crc, node
+            address, target.version.id, chunk.path, chunk.index, view, crc, node, wait
         )
     finally:
         view.release()

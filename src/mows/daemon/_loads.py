@@ -363,6 +363,12 @@ class LoadService:
 
     async def _fill(self, location: str, f: PoolFile) -> _FillStats:
         """Fetch the chunks ``f`` lacks into its pool file, check it whole, publish it."""
+        if self.peering is None:
+            return await self._fill_file(location, f)
+        with self.peering.loading(f.version):  # peers may wait on us for chunks we own
+            return await self._fill_file(location, f)
+
+    async def _fill_file(self, location: str, f: PoolFile) -> _FillStats:
         writing = self.prefetch_writes.get(f)
         if writing is not None:  # a prefetched chunk is being written: let it land first
             await asyncio.wait([writing])

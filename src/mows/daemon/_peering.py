@@ -3,10 +3,11 @@ directory about the versions it holds. Absent (None) on a single node."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._config import DaemonConfig
@@ -79,8 +80,8 @@ class Peering:
 
     # -- what the directory is told ------------------------------------------------------------
     def join(self, version: Version) -> None:
-        """Register interest in ``version`` and serve every complete file of it we hold."""
-        self.cluster.join(version.id, version.total_chunks, version.manifest)
+        """Take part in ``version`` and serve every complete file of it we hold."""
+        self._join(version)
         for f in list(version.files.values()):
             if f.state is FileState.READY and not self.chunks.has_file(version.id, f.rel):
                 fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -88,12 +89,30 @@ class Peering:
                     self.serve_file(f, fd)
                 finally:
                     os.close(fd)
+                self.file_ready(f)
+
+    def _join(self, version: Version) -> None:
+        if version.id not in self.cluster.models:  # e.g. opened stale: never revalidated
+            self.cluster.join(version.id, version.manifest)
+
+    @contextlib.contextmanager
+    def loading(self, version: Version) -> Iterator[None]:
+        """A load or prefetch of ``version`` runs: peers may wait on us for the chunks we
+        own (the directory says so) until it ends."""
+        self._join(version)
+        self.cluster.begin_loading(version.id)
+        try:
+            yield
+        finally:
+            self.cluster.end_loading(version.id)
+            held = any(f.state is FileState.READY or f.chunk_crcs for f in version.files.values())
+            if not held and not self.cluster.is_loading(version.id):
+                self.cluster.leave(version.id)  # it failed with nothing held: not a member
 
     def serve_file(self, f: PoolFile, fd: int) -> None:
         """Serve ``f``'s checked chunks (those it holds now and those to come) from ``fd``."""
         v = f.version
-        if v.id not in self.cluster.models:
-            self.cluster.join(v.id, v.total_chunks, v.manifest)
+        self._join(v)
         if not self.chunks.has_file(v.id, f.rel):
             self.chunks.add_file(v.id, f.rel, fd)
             for c in f.chunks():
@@ -101,30 +120,37 @@ class Peering:
                     self.held(v, c, f.chunk_crcs[c.index])
 
     def held(self, version: Version, chunk: Chunk, crc: int, digest: bytes | None = None) -> None:
-        """A chunk arrived and passed its checks: peers may fetch it now (pipelining).
-        ``digest``: its BLAKE3 when a peer's transfer proved it (else computed on demand)."""
-        if version.id not in self.cluster.models:  # e.g. opened stale: never revalidated
-            self.cluster.join(version.id, version.total_chunks, version.manifest)
+        """A chunk arrived and passed its checks: peers may fetch it now (pipelining: the
+        requests waiting for it are answered). ``digest``: its BLAKE3 when a peer's transfer
+        proved it (else computed on demand)."""
+        self._join(version)
         self.chunks.add_chunk(
             version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc, digest
         )
-        self.cluster.mark_held(version.id, version.chunk_range(chunk.path)[chunk.index], crc)
+        self.cluster.chunk_held(version.id, version.file_index(chunk.path))
+
+    def file_ready(self, f: PoolFile) -> None:
+        """``f`` is whole and verified: served by file, its chunk CRCs shared."""
+        v = f.version
+        self._join(v)
+        crcs = [f.chunk_crcs[c.index] for c in f.chunks()]
+        self.cluster.file_complete(v.id, v.file_index(f.rel), crcs)
 
     def file_removed(self, f: PoolFile) -> None:
         v = f.version
         self.chunks.remove_file(v.id, f.rel)
-        self.cluster.drop(v.id, list(v.chunk_range(f.rel)))
-        if all(g is f for g in v.files.values()):
+        self.cluster.file_dropped(v.id, v.file_index(f.rel))
+        if all(g is f for g in v.files.values()) and not self.cluster.is_loading(v.id):
             # Nothing of it left here (a load would have reserved its files first; one that
             # starts later joins again): not an owner or holder for anyone to wait on.
             self.cluster.leave(v.id)
 
     def is_last_copy(self, f: PoolFile) -> bool:
-        """Would evicting ``f`` drop the cluster's last copy of any of its chunks?"""
+        """Would evicting ``f`` drop the cluster's last whole copy of it?"""
         if not self.cluster.healthy:
             return True
-        r = f.version.chunk_range(f.rel)
-        return self.cluster.min_copies(f.version.id, r.start, r.stop) <= 1
+        v = f.version
+        return self.cluster.file_copies(v.id, v.file_index(f.rel)) <= 1
 
 
 def _need_cryptography() -> None:

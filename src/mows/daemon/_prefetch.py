@@ -118,6 +118,14 @@ class Prefetcher:
         """Fetch this node's share of a model (or all of it) chunk by chunk, yielding to every
         client open, at most ``prefetch_rate`` bytes a second."""
         v, _ = await self.loads.resolve(location, max_age=REVALIDATE_EVERY)
+        if self.peering is None:
+            await self._prefetch_version(location, v)
+            return
+        # A member while it runs (others count us in their owner tables, and may ask us).
+        with self.peering.loading(v):
+            await self._prefetch_version(location, v)
+
+    async def _prefetch_version(self, location: str, v: Version) -> None:
         share = self.peering is not None and self.config.prefetch == "share"
         if share:
             await self._settled_members(v.id)

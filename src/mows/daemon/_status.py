@@ -120,7 +120,8 @@ def _cluster(d: Daemon) -> dict[str, object] | None:
             {
                 "path": v.manifest.source,
                 "fingerprint": v.id,
-                "chunks": len(copies),
+                "files": len(copies),
+                "chunk_size": v.manifest.chunk_size,
                 "min_copies": min(copies, default=0),
                 "max_copies": max(copies, default=0),
                 "copies": copies,

@@ -74,6 +74,7 @@ class Pool:
         # None (a single node): every file is a last copy, plain LRU.
         self.last_copy: Callable[[PoolFile], bool] | None = None
         self.on_remove: Callable[[PoolFile], None] | None = None  # a file left the pool
+        self.on_commit: Callable[[PoolFile], None] | None = None  # a file became READY
         self.on_forget: Callable[[Version], None] | None = None  # a version left for good
         self.on_change: Callable[[], None] | None = None  # space may have been freed
         self.used_bytes = 0
@@ -351,6 +352,8 @@ class Pool:
         self.used_bytes += f.reserved
         self._write_meta(f.version)
         self._changed()
+        if self.on_commit is not None:
+            self.on_commit(f)
 
     # -- metadata and adoption --------------------------------------------------------------
     def _write_meta(self, v: Version) -> None:

@@ -91,6 +91,7 @@ class Version:
         self.users = 0  # connections that opened it (a stream keeps reading it)
         self._entries = {f.path: f for f in manifest.files}
         self._bases: dict[str, int] = {}
+        self._indexes = {f.path: i for i, f in enumerate(manifest.files)}
         n = 0
         for f in manifest.files:
             self._bases[f.path] = n
@@ -113,6 +114,10 @@ class Version:
 
     def chunks(self, rel: str) -> list[Chunk]:
         return self.manifest.chunks(rel)
+
+    def file_index(self, rel: str) -> int:
+        """The file's position in the manifest: how the cluster directory names it."""
+        return self._indexes[rel]
 
     def chunk_range(self, rel: str) -> range:
         """The file's chunks in the version-wide numbering the cluster directory uses."""

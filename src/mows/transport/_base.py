@@ -26,9 +26,15 @@ class ServedChunk:
 class ChunkStore(Protocol):
     """What a peer server reads from: the local pool's held chunks (thread-safe)."""
 
-    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
+    def open_chunk(
+        self, model: str, path: str, index: int, wait: float = 0.0
+    ) -> ServedChunk | None:
         """A held, verified chunk with a fresh fd and its digest; None if this node does not
-        hold it (or no longer can vouch for it)."""
+        hold it (or no longer can vouch for it). ``wait``: seconds to wait for it to land."""
+        ...
+
+    def have(self, model: str, path: str) -> bytes:
+        """A bitmap of the file's chunks ``open_chunk`` would serve now (see ``Have``)."""
         ...
 
     def served(self, peer: str, nbytes: int) -> None:
@@ -60,14 +66,21 @@ class PeerClient(ABC):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
+        wait: float = 0.0,
     ) -> Received:
         """Fetch one chunk into ``dest`` (exactly its length); return its CRC-32 and digest.
 
         ``node``: the node id the directory gave for ``address``; a server proving another
-        id is refused. Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the
-        chunk, or sends bytes that do not match the digest it announced or whose CRC differs
-        from ``expected_crc`` (``corrupt=True``); ``dest`` then holds garbage.
+        id is refused. ``wait``: seconds the server may wait for a chunk it does not hold yet.
+        Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the chunk
+        (``missing=True``), or sends bytes that do not match the digest it announced or whose
+        CRC differs from ``expected_crc`` (``corrupt=True``); ``dest`` then holds garbage.
         """
+
+    @abstractmethod
+    def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
+        """The peer's bitmap of the file's chunks it holds now (see ``Have``); PeerError if
+        it cannot be asked."""
 
     @abstractmethod
     def close(self) -> None:

@@ -23,6 +23,8 @@ from ._wire import (
     Channel,
     ChunkHeader,
     ChunkRequest,
+    Have,
+    HaveRequest,
     PeerFailure,
     PeerMessage,
     Received,
@@ -156,9 +158,12 @@ class TcpPeerServer(PeerServer):
             _kernel_timeouts(conn, recv=self._idle_timeout, send=SEND_TIMEOUT)
             while True:
                 req = recv_peer(conn, channel)
+                if isinstance(req, HaveRequest):
+                    send_peer(conn, Have(self._store.have(req.model, req.path)), channel)
+                    continue
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
-                chunk = self._store.open_chunk(req.model, req.path, req.index)
+                chunk = self._store.open_chunk(req.model, req.path, req.index, req.wait)
                 if chunk is None:
                     send_peer(conn, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
                     continue
@@ -312,8 +317,9 @@ class TcpPeerClient(PeerClient):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
+        wait: float = 0.0,
     ) -> Received:
-        request = ChunkRequest(model, path, index)
+        request = ChunkRequest(model, path, index, wait)
         reused = bool(self._idle.get(address))  # a hint: a pooled connection may be stale
         conn = self._acquire(address, node)
         try:
@@ -337,7 +343,7 @@ class TcpPeerClient(PeerClient):
         try:
             if isinstance(header, PeerFailure):
                 ok = True  # the connection is fine; the peer just lacks the chunk
-                raise PeerError(address, header.message)
+                raise PeerError(address, header.message, missing=True)
             if not isinstance(header, ChunkHeader):
                 raise PeerError(address, f"expected ChunkHeader, got {type(header).__name__}")
             if header.length != len(dest):
@@ -368,13 +374,35 @@ class TcpPeerClient(PeerClient):
         finally:
             self._release(address, conn, ok)
 
-    def _ask(self, conn: _Conn, request: ChunkRequest, node: str | None) -> PeerMessage:
+    def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
+        conn = self._acquire(address, node)
+        ok = False
+        try:
+            reply = self._ask(conn, HaveRequest(model, path), node)
+            if not isinstance(reply, Have):
+                raise PeerError(address, f"expected Have, got {type(reply).__name__}")
+            ok = True
+            return reply.held
+        except PeerError:
+            raise
+        except BaseException as e:
+            raise _peer_error(address, e, self._timeout) from None
+        finally:
+            self._release(address, conn, ok)
+
+    def _ask(
+        self, conn: _Conn, request: ChunkRequest | HaveRequest, node: str | None
+    ) -> PeerMessage:
         if node is not None and conn.node != node:
             # The directory moved another node to this address: this connection is not it.
             raise PeerError(conn.channel.peer, f"is node {conn.node!r}, expected {node!r}")
-        conn.sock.settimeout(self._timeout)  # a stalled peer costs at most this per recv
+        # A stalled peer costs at most this per recv; the header may come after the wait.
+        wait = request.wait if isinstance(request, ChunkRequest) else 0.0
+        conn.sock.settimeout(self._timeout + wait)
         send_peer(conn.sock, request, conn.channel)
-        return recv_peer(conn.sock, conn.channel)
+        header = recv_peer(conn.sock, conn.channel)
+        conn.sock.settimeout(self._timeout)
+        return header
 
     def close(self) -> None:
         with self._cond:

@@ -19,13 +19,15 @@ import mmap
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 
 from .._errors import ConfigError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer
+from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
 from ._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS, SEND_TIMEOUT, split_address
 from ._wire import (
     MAX_PEER_FRAME,
@@ -33,6 +35,8 @@ from ._wire import (
     ChunkHeader,
     ChunkRequest,
     ClientHandshake,
+    Have,
+    HaveRequest,
     PeerFailure,
     PeerMessage,
     Received,
@@ -132,6 +136,7 @@ class UcxPeerServer(PeerServer):
         self._timeout, self._idle_timeout = handshake_timeout, idle_timeout
         self._max, self._encrypt = max_connections, encrypt
         self._active = 0  # touched on the UCX loop only
+        self._waits = ThreadPoolExecutor(max_connections, thread_name_prefix="mows-ucx-serve")
         self.refused = 0
         self._loop = _Loop.get()
         self._listener = self._loop.run(self._create(port), 30)
@@ -165,9 +170,20 @@ class UcxPeerServer(PeerServer):
                 raise
             while True:
                 req = await asyncio.wait_for(_recv(ep, channel), self._idle_timeout)
+                if isinstance(req, HaveRequest):
+                    held = self._store.have(req.model, req.path)
+                    await asyncio.wait_for(_send(ep, Have(held), channel), SEND_TIMEOUT)
+                    continue
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
-                await asyncio.wait_for(self._send_chunk(ep, channel, req, hs.client), SEND_TIMEOUT)
+                # A request may wait for its chunk to land (outside the send's deadline), in
+                # a thread of its own: waits must not hold the loop's default executor.
+                chunk = await asyncio.get_running_loop().run_in_executor(
+                    self._waits, self._store.open_chunk, req.model, req.path, req.index, req.wait
+                )
+                await asyncio.wait_for(
+                    self._send_chunk(ep, channel, req, chunk, hs.client), SEND_TIMEOUT
+                )
         except (ProtocolError, PeerError) as e:
             log.warning("dropping UCX peer connection: %s", e)
         except Exception as e:
@@ -177,10 +193,11 @@ class UcxPeerServer(PeerServer):
             with contextlib.suppress(Exception):
                 await ep.close()
 
-    async def _send_chunk(self, ep: Any, channel: Channel, req: ChunkRequest, client: str) -> None:
+    async def _send_chunk(
+        self, ep: Any, channel: Channel, req: ChunkRequest, chunk: ServedChunk | None, client: str
+    ) -> None:
         # Hashing and ciphers run off the loop: it carries every UCX transfer of the process.
         run = asyncio.get_running_loop().run_in_executor
-        chunk = await run(None, self._store.open_chunk, req.model, req.path, req.index)
         if chunk is None:
             await _send(ep, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
             return
@@ -206,6 +223,7 @@ class UcxPeerServer(PeerServer):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._loop.loop.call_soon_threadsafe(self._listener.close)
+        self._waits.shutdown(wait=False, cancel_futures=True)
 
 
 class UcxPeerClient(PeerClient):
@@ -234,18 +252,20 @@ class UcxPeerClient(PeerClient):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
+        wait: float = 0.0,
     ) -> Received:
         ended = threading.Event()
+        request = ChunkRequest(model, path, index, wait)
 
         async def guarded() -> Received:
             try:
-                return await self._fetch(address, model, path, index, dest, expected_crc, node)
+                return await self._fetch(address, request, dest, expected_crc, node)
             finally:
                 ended.set()
 
         fut = asyncio.run_coroutine_threadsafe(guarded(), self._loop.loop)
         try:
-            return fut.result(self._timeout * 3)
+            return fut.result(self._timeout * 3 + wait)
         except TimeoutError:
             # Cancel it and wait for it to end: a transfer left running could write into
             # ``dest`` after the caller refilled it from elsewhere and checked it.
@@ -261,43 +281,22 @@ class UcxPeerClient(PeerClient):
         await _send(ep, hs.on_challenge(await _recv(ep)))
         return ep, hs.on_ok(await _recv_body(ep)), hs.server
 
-    async def _fetch(
-        self,
-        address: str,
-        model: str,
-        path: str,
-        index: int,
-        dest: memoryview,
-        expected_crc: int | None,
-        node: str | None,
-    ) -> Received:
-        run = asyncio.get_running_loop().run_in_executor  # checks off the UCX loop
+    @contextlib.asynccontextmanager
+    async def _connection(self, address: str, node: str | None) -> AsyncIterator[_Use]:
+        """A pooled (or new) connection to ``address``, proven to be ``node``; back to the
+        pool if the body set ``ok``, else closed. Failures become PeerError."""
         slots = self._slots.setdefault(address, asyncio.Semaphore(self._max))
         async with slots:
             conn = self._idle[address].pop() if self._idle[address] else None
-            ok = False
+            use: _Use | None = None
             try:
                 if conn is None:
                     conn = await asyncio.wait_for(self._connect(address, node), self._timeout)
                 ep, channel, server = conn
                 if node is not None and server != node:
                     raise PeerError(address, f"is node {server!r}, expected {node!r}")
-                await _send(ep, ChunkRequest(model, path, index), channel)
-                header = await asyncio.wait_for(_recv(ep, channel), self._timeout)
-                if isinstance(header, PeerFailure):
-                    ok = True
-                    raise PeerError(address, header.message)
-                if not isinstance(header, ChunkHeader) or header.length != len(dest):
-                    raise PeerError(address, f"unexpected reply {header!r}")
-                await asyncio.wait_for(ep.recv(dest), self._timeout)
-                if channel.encrypted:
-                    cipher = channel.chunk_cipher(sending=False)
-                    await run(None, cipher.update_into, dest, dest)
-                received: Received = await run(
-                    None, verify_chunk, address, path, index, dest, expected_crc, header
-                )
-                ok = True
-                return received
+                use = _Use(ep, channel)
+                yield use
             except PeerError:
                 raise
             except TimeoutError:
@@ -306,11 +305,55 @@ class UcxPeerClient(PeerClient):
                 raise PeerError(address, f"{type(e).__name__}: {e}") from None
             finally:
                 if conn is not None:
-                    if ok:
+                    if use is not None and use.ok:
                         self._idle[address].append(conn)
                     else:
                         with contextlib.suppress(Exception):
                             await conn[0].close()
+
+    async def _fetch(
+        self,
+        address: str,
+        request: ChunkRequest,
+        dest: memoryview,
+        expected_crc: int | None,
+        node: str | None,
+    ) -> Received:
+        path, index = request.path, request.index
+        run = asyncio.get_running_loop().run_in_executor  # checks off the UCX loop
+        async with self._connection(address, node) as use:
+            ep, channel = use.ep, use.channel
+            await _send(ep, request, channel)
+            header = await asyncio.wait_for(_recv(ep, channel), self._timeout + request.wait)
+            if isinstance(header, PeerFailure):
+                use.ok = True
+                raise PeerError(address, header.message, missing=True)
+            if not isinstance(header, ChunkHeader) or header.length != len(dest):
+                raise PeerError(address, f"unexpected reply {header!r}")
+            await asyncio.wait_for(ep.recv(dest), self._timeout)
+            if channel.encrypted:
+                cipher = channel.chunk_cipher(sending=False)
+                await run(None, cipher.update_into, dest, dest)
+            received: Received = await run(
+                None, verify_chunk, address, path, index, dest, expected_crc, header
+            )
+            use.ok = True
+            return received
+
+    def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
+        async def ask() -> bytes:
+            async with self._connection(address, node) as use:
+                await _send(use.ep, HaveRequest(model, path), use.channel)
+                reply = await asyncio.wait_for(_recv(use.ep, use.channel), self._timeout)
+                if not isinstance(reply, Have):
+                    raise PeerError(address, f"expected Have, got {type(reply).__name__}")
+                use.ok = True
+                return reply.held
+
+        try:
+            return self._loop.run(ask(), self._timeout * 3)
+        except TimeoutError:
+            raise PeerError(address, f"stalled for {self._timeout * 3:.0f}s") from None
 
     def close(self) -> None:
         async def close_all() -> None:
@@ -322,3 +365,12 @@ class UcxPeerClient(PeerClient):
 
         with contextlib.suppress(Exception):
             self._loop.run(close_all(), 10)
+
+
+@dataclass
+class _Use:
+    """A connection lent to one exchange; ``ok``: it ended cleanly, the connection is reusable."""
+
+    ep: Any
+    channel: Channel
+    ok: bool = False

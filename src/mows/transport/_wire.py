@@ -34,6 +34,8 @@ __all__ = [
     "ChunkHeader",
     "ChunkRequest",
     "ClientHandshake",
+    "Have",
+    "HaveRequest",
     "PeerAuth",
     "PeerChallenge",
     "PeerFailure",
@@ -50,7 +52,7 @@ __all__ = [
     "verify_chunk",
 ]
 
-PEER_PROTOCOL_VERSION = 2
+PEER_PROTOCOL_VERSION = 3  # 3: requests may wait for a chunk; Have
 MAX_PEER_FRAME = 1 << 20  # control messages only; chunk bytes follow a header, unframed
 TAG_BYTES = 16  # truncated HMAC-SHA256: 128 bits, checked on every frame
 
@@ -80,6 +82,9 @@ class ChunkRequest(msgspec.Struct, tag=True, frozen=True):
     model: str  # the model's cluster fingerprint
     path: str
     index: int
+    # Seconds the server may hold the request for a chunk it does not hold yet (its owner,
+    # still loading): answered when the chunk lands, "not held" at the end of the wait.
+    wait: float = 0.0
 
 
 class ChunkHeader(msgspec.Struct, tag=True, frozen=True):
@@ -93,8 +98,27 @@ class PeerFailure(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
+class HaveRequest(msgspec.Struct, tag=True, frozen=True):
+    """Which chunks of a file do you hold (checked, servable) now?"""
+
+    model: str
+    path: str
+
+
+class Have(msgspec.Struct, tag=True, frozen=True):
+    held: bytes  # bit i (of byte i // 8, LSB first) set: chunk i is held; trailing zeros cut
+
+
 PeerMessage = (
-    PeerHello | PeerChallenge | PeerAuth | PeerOk | ChunkRequest | ChunkHeader | PeerFailure
+    PeerHello
+    | PeerChallenge
+    | PeerAuth
+    | PeerOk
+    | ChunkRequest
+    | ChunkHeader
+    | PeerFailure
+    | HaveRequest
+    | Have
 )
 _dec = msgspec.msgpack.Decoder(PeerMessage)
 
