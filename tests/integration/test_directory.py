@@ -161,7 +161,9 @@ def test_holdings_seen_before_a_join_are_known_at_once() -> None:
 
     for node in ("peer", "gone"):
         put(f"nodes/{node}", _enc.encode(NodeInfo(node, "127.0.0.1:2", 100)))
-        rec = Holding(node, 4, encode_bitmap({1, 2}, 4), encode_bitmap({3}, 4), loading=True)
+        rec = Holding(
+            node, 4, encode_bitmap({1, 2}, 4), encode_bitmap({3}, 4), encode_bitmap({0}, 4)
+        )
         put(f"holdings/fp/{node}", _enc.encode(rec))
     put("holdings/fp/gone", b"", deleted=True)
     c.join("fp", make_manifest(4))

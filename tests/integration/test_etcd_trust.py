@@ -76,14 +76,14 @@ def test_forged_records_are_ignored_and_counted(
     etcd_put(
         etcd.endpoint,
         {
-            f"holdings/{fp}/huge": _enc.encode(Holding("huge", 1 << 30, bomb, bomb)),
+            f"holdings/{fp}/huge": _enc.encode(Holding("huge", 1 << 30, bomb, bomb, bomb)),
             f"holdings/{fp}/off": _enc.encode(
-                Holding("off", files + 1, encode_bitmap([0], files + 1), none)
+                Holding("off", files + 1, encode_bitmap([0], files + 1), none, none)
             ),
-            f"holdings/{fp}/bomb": _enc.encode(Holding("bomb", files, bomb, bomb)),
+            f"holdings/{fp}/bomb": _enc.encode(Holding("bomb", files, bomb, bomb, bomb)),
             f"holdings/{fp}/junk": b"\xc1\xc1\xc1",
             f"holdings/{fp}/mallory": _enc.encode(
-                Holding("alice", files, encode_bitmap([0], files), none)
+                Holding("alice", files, encode_bitmap([0], files), none, none)
             ),
             # CRCs of another file's chunks: they do not combine to file 0's CRC-32
             f"manifests/{fp}/0/0": _enc.encode(ChunkCrcs(0, 0, 1, encode_crcs({0: 1}, 1))),
@@ -121,7 +121,7 @@ def test_a_forged_capacity_cannot_capture_placement() -> None:
     c.models["m"] = m = _Model(make_manifest(1))
     for node, cap in (("peer", 100), ("hog", 2**62)):
         c.nodes[node] = NodeInfo(node, "127.0.0.1:2", cap)
-        m.others[node] = _Held(frozenset(), frozenset(), True)
+        m.others[node] = _Held(frozenset(), frozenset(), frozenset({0}))
     owners = [c.owner("m", f"m/{i}") for i in range(3000)]
     share = owners.count("hog") / len(owners)
     assert 0.55 < share < 0.8, share  # 4 / (1 + 1 + 4) at most, not ~1
@@ -147,7 +147,7 @@ def test_records_are_checked_against_key_and_manifest() -> None:
     assert c.rejected_records == before + 1  # keys must be UTF-8: no lossy decoding
     assert apply("manifests/x", b"anything") == 0  # a version not joined: not decoded
     # holdings: decoded only for joined versions, against the joined file count
-    rec = Holding("n1", 8, encode_bitmap([1, 2], 8), encode_bitmap([5], 8))
+    rec = Holding("n1", 8, encode_bitmap([1, 2], 8), encode_bitmap([5], 8), encode_bitmap([], 8))
     assert apply("holdings/fp/n1", _enc.encode(rec)) == 0 and "fp" not in c.models
     manifest = make_manifest(8, chunks=2, chunk_size=64)
     c.join("fp", manifest)
@@ -160,7 +160,7 @@ def test_records_are_checked_against_key_and_manifest() -> None:
     assert "n1" not in c.models["fp"].others
     assert apply("holdings/fp/n2", _enc.encode(rec), rev=7) == 1  # node mismatch
     assert apply("holdings/fp/n1", b"\0" * (65 << 10), rev=8) == 1  # oversized
-    assert apply("holdings/fp/n1", _enc.encode(Holding("n1", 9, b"", b"")), rev=9) == 1
+    assert apply("holdings/fp/n1", _enc.encode(Holding("n1", 9, b"", b"", b"")), rev=9) == 1
     # chunk CRC pages: taken only when they combine to the file's CRC-32 from crc32.txt
     chunk = zlib.crc32(bytes([3]) * 64)  # file 3: two chunks of 64 bytes of 3
     good = _enc.encode(ChunkCrcs(3, 0, 2, encode_crcs({0: chunk, 1: chunk}, 2)))

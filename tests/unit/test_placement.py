@@ -80,6 +80,7 @@ def test_file_copies_count_whole_live_copies() -> None:
     from tests.daemons import make_manifest
 
     cl = Cluster(["http://127.0.0.1:1"], "t", lambda: NodeInfo("me", "127.0.0.1:1", 1))
+    cl.healthy = True
     cl.join("fp", make_manifest(4))
     cl.file_complete("fp", 0)
     cl.file_complete("fp", 1)
@@ -88,11 +89,21 @@ def test_file_copies_count_whole_live_copies() -> None:
     cl.models["fp"].others["peer"] = _Held(frozenset({1, 3}), frozenset({2}), False)
     assert cl.copies("fp") == [1, 2, 0, 1]
     assert cl.file_copies("fp", 1) == 2 and cl.file_copies("fp", 2) == 0
+    assert cl.interested("fp") == {"me", "peer"}  # it holds a share of file 2
+    # Members (the owner table's nodes) load the version or hold shares of it: a node that
+    # only holds whole files is a holder, not an owner anyone waits on.
+    cl.models["fp"].others["peer"] = _Held(frozenset({1, 3}), frozenset(), frozenset())
+    assert cl.interested("fp") == {"me"} and cl.holders("fp", 3) == ["peer"]
+    cl.models["fp"].others["peer"] = _Held(frozenset({1, 3}), frozenset(), frozenset({0}))
+    assert cl.interested("fp") == {"me", "peer"}
     del cl.nodes["peer"]  # a dead node's files do not count
     assert cl.file_copies("fp", 1) == 1
     # What we publish: whole files, partial ones, loading; nothing once empty
     rec = cl.models["fp"].record("me")
-    assert (rec.files, rec.loading) == (4, False)
+    assert (rec.files, rec.loading) == (4, encode_bitmap([], 4))
+    cl.begin_loading("fp", [3])
+    assert not cl.models["fp"].empty and cl.is_loading("fp")
+    cl.end_loading("fp", [3])
     cl.file_dropped("fp", 0)
     cl.file_dropped("fp", 1)
     assert not cl.models["fp"].empty  # file 2 is partly held
@@ -165,7 +176,7 @@ def _cluster_with_peers(peers: int, chunks: int) -> Cluster:
     cl.join("fp", make_manifest(chunks, chunk_size=64))  # a chunk a file
     for i in range(peers):
         cl.nodes[f"p{i}"] = NodeInfo(f"p{i}", "127.0.0.1:2", 100)
-        cl.models["fp"].others[f"p{i}"] = _Held(frozenset(), frozenset(), True)
+        cl.models["fp"].others[f"p{i}"] = _Held(frozenset(), frozenset(), frozenset({0}))
     return cl
 
 
@@ -201,7 +212,9 @@ def test_owners_are_computed_again_only_when_members_change() -> None:
     cl = _cluster_with_peers(2, 8)
 
     def publish(node: str, complete: set[int], rev: int) -> None:
-        rec = Holding(node, 8, encode_bitmap(complete, 8), encode_bitmap([], 8), True)
+        rec = Holding(
+            node, 8, encode_bitmap(complete, 8), encode_bitmap([], 8), encode_bitmap([0], 8)
+        )
         cl._apply(cl.prefix + f"holdings/fp/{node}".encode(), _enc.encode(rec), rev, deleted=False)
 
     cl.chunk_owner("fp", 0)

@@ -20,11 +20,13 @@ Which chunk a peer holds is not in etcd. It is derived from placement and the fi
 a file held whole is served by every node that says so; a chunk of a file still loading is
 asked of its owner (the member that fetches it from the origin), which holds the request
 until the chunk lands (``wait`` in the request: the waiting fetch is woken by the chunk's
-own arrival, not by directory events); a partly held file's chunks are asked of their owner
-too (a share prefetch holds the chunks it owns). Ownership is computed, never stored: each
-version has a table of its chunks' owners among its members (live nodes with a record for
-it), loads bounded (``owner_table``), computed again only when the members or their
-capacities change, in a worker thread when it is large (``owners_ready``).
+own arrival, not by directory events); a partly held file's chunks are found by asking its
+holders which they have (``Have``, on the peer connection). Ownership is computed, never
+stored: each version has a table of its chunks' owners among its members (the live nodes
+loading it, which read the origin, or holding parts of it: a share prefetch fetched the
+chunks it owned, and is asked for them first), loads bounded (``owner_table``), computed again
+only when the members or their capacities change, in a worker thread when it is large
+(``owners_ready``).
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
@@ -88,10 +90,10 @@ class Holding(msgspec.Struct, frozen=True):
     """A node's state for one version, at file granularity (file indexes as in the manifest)."""
 
     node: str
-    files: int  # the version's file count: the bound of both bitmaps
+    files: int  # the version's file count: the bound of the bitmaps
     complete: bytes  # encode_bitmap: files held whole, verified
     partial: bytes  # encode_bitmap: files of which some chunks are held
-    loading: bool = False  # a load or prefetch of the version runs on the node now
+    loading: bytes  # encode_bitmap: files a load or prefetch is filling on the node now
 
 
 class ChunkCrcs(msgspec.Struct, frozen=True):
@@ -156,7 +158,12 @@ def placement_weight(capacity: int, own_capacity: int) -> float:
 class _Held(msgspec.Struct, frozen=True):
     complete: frozenset[int]
     partial: frozenset[int]
-    loading: bool
+    loading: frozenset[int]
+
+    @property
+    def member(self) -> bool:
+        """Loading the version, or holding shares of it: in its owner table."""
+        return bool(self.loading or self.partial)
 
 
 _Others = dict[str, _Held]
@@ -173,7 +180,7 @@ class _Model:
         self.chunks = sum(self.sizes)
         self.complete: set[int] = set()  # ours
         self.partial: set[int] = set()
-        self.loading = 0  # loads and prefetches of it running here
+        self.loading: dict[int, int] = {}  # file -> fills of it running here (loads, prefetch)
         self.others: _Others = {}
         # node -> etcd mod_revision of the last record (or deletion) applied: a re-read of the
         # version's holdings racing the watch must not bring back an older record.
@@ -196,7 +203,7 @@ class _Model:
             n,
             encode_bitmap(self.complete, n),
             encode_bitmap(self.partial - self.complete, n),
-            self.loading > 0,
+            encode_bitmap(self.loading, n),
         )
 
     @property
@@ -696,7 +703,8 @@ class Cluster:
             if not deleted:
                 m.others[node] = self._decode_holding(m, node, value)
         finally:
-            if (prev is None) != (node not in m.others):
+            now = m.others.get(node)
+            if bool(prev and prev.member) != bool(now and now.member):
                 m.gen += 1  # a member came or went: its owners may have changed
 
     @staticmethod
@@ -712,7 +720,7 @@ class Cluster:
         return _Held(
             frozenset(decode_bitmap(rec.complete, n)),
             frozenset(decode_bitmap(rec.partial, n)),
-            rec.loading,
+            frozenset(decode_bitmap(rec.loading, n)),
         )
 
     def _apply_crcs(self, parts: list[str], value: bytes, deleted: bool) -> None:
@@ -789,21 +797,25 @@ class Cluster:
         self._wake_reader.set()
         self._dirty.add(vid)
 
-    def begin_loading(self, vid: str) -> None:
-        """A load or prefetch of the version starts here: we own chunks others will ask us
-        for (and wait on), until ``end_loading``."""
+    def begin_loading(self, vid: str, files: list[int]) -> None:
+        """A load or prefetch filling ``files`` of the version starts here: we are a member
+        (an owner of chunks others ask us for, and wait on), until ``end_loading``."""
         m = self.models[vid]
-        m.loading += 1
-        if m.loading == 1:
-            self._dirty.add(vid)
+        for f in files:
+            m.loading[f] = m.loading.get(f, 0) + 1
+            if m.loading[f] == 1:
+                self._dirty.add(vid)
 
-    def end_loading(self, vid: str) -> None:
+    def end_loading(self, vid: str, files: list[int]) -> None:
         m = self.models.get(vid)
-        if m is None or m.loading == 0:
+        if m is None:
             return
-        m.loading -= 1
-        if m.loading == 0:
-            self._dirty.add(vid)
+        for f in files:
+            left = m.loading.pop(f, 0) - 1
+            if left > 0:
+                m.loading[f] = left
+            elif left == 0:
+                self._dirty.add(vid)
 
     def chunk_held(self, vid: str, f: int) -> None:
         """Some chunk of file ``f`` is held here (a partial file: its owned chunks are
@@ -834,7 +846,7 @@ class Cluster:
 
     def is_loading(self, vid: str) -> bool:
         m = self.models.get(vid)
-        return m is not None and m.loading > 0
+        return m is not None and bool(m.loading)
 
     def leave(self, vid: str) -> None:
         """We hold none of this version and load none of it: delete our holding, so we are no
@@ -871,7 +883,7 @@ class Cluster:
         held = m.others.get(node) if m is not None and self.view_usable else None
         if held is None:
             return _NONE
-        return PeerState(f in held.complete, f in held.partial, held.loading)
+        return PeerState(f in held.complete, f in held.partial, f in held.loading)
 
     def chunk_crc(self, vid: str, f: int, index: int) -> int | None:
         """Chunk ``index`` of file ``f``'s CRC-32 as the version's CRC pages give it (checked
@@ -889,7 +901,7 @@ class Cluster:
     def interested(self, vid: str) -> frozenset[str]:
         """Live members of the version, us included."""
         m = self.models.get(vid)
-        others = [n for n in (m.others if m else {}) if n in self.nodes]
+        others = [n for n, h in (m.others if m else {}).items() if h.member and n in self.nodes]
         return frozenset([self.node_id, *others])
 
     def live_peers(self) -> list[NodeInfo]:
@@ -964,8 +976,8 @@ class Cluster:
         members = [(self.node_id, float(own))]
         members += [
             (nid, placement_weight(self.nodes[nid].capacity, own))
-            for nid in m.others
-            if nid in self.nodes
+            for nid, held in m.others.items()
+            if held.member and nid in self.nodes
         ]
         return tuple(sorted(members))
 

@@ -365,7 +365,7 @@ class LoadService:
         """Fetch the chunks ``f`` lacks into its pool file, check it whole, publish it."""
         if self.peering is None:
             return await self._fill_file(location, f)
-        with self.peering.loading(f.version):  # peers may wait on us for chunks we own
+        with self.peering.loading(f.version, [f.rel]):  # peers may wait on us for chunks we own
             return await self._fill_file(location, f)
 
     async def _fill_file(self, location: str, f: PoolFile) -> _FillStats:

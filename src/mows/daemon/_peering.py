@@ -96,15 +96,16 @@ class Peering:
             self.cluster.join(version.id, version.manifest)
 
     @contextlib.contextmanager
-    def loading(self, version: Version) -> Iterator[None]:
-        """A load or prefetch of ``version`` runs: peers may wait on us for the chunks we
-        own (the directory says so) until it ends."""
+    def loading(self, version: Version, rels: list[str]) -> Iterator[None]:
+        """A load or prefetch fills these files of ``version``: peers may wait on us for
+        the chunks of them we own (the directory says so) until it ends."""
         self._join(version)
-        self.cluster.begin_loading(version.id)
+        files = [version.file_index(rel) for rel in rels]
+        self.cluster.begin_loading(version.id, files)
         try:
             yield
         finally:
-            self.cluster.end_loading(version.id)
+            self.cluster.end_loading(version.id, files)
             held = any(f.state is FileState.READY or f.chunk_crcs for f in version.files.values())
             if not held and not self.cluster.is_loading(version.id):
                 self.cluster.leave(version.id)  # it failed with nothing held: not a member

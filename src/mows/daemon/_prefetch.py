@@ -122,7 +122,7 @@ class Prefetcher:
             await self._prefetch_version(location, v)
             return
         # A member while it runs (others count us in their owner tables, and may ask us).
-        with self.peering.loading(v):
+        with self.peering.loading(v, [e.path for e in v.manifest.files]):
             await self._prefetch_version(location, v)
 
     async def _prefetch_version(self, location: str, v: Version) -> None:
