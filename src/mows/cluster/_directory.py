@@ -863,7 +863,8 @@ class Cluster:
         return self._holding(vid, f, whole=True)
 
     def partial_holders(self, vid: str, f: int) -> list[str]:
-        """Live nodes (not us) that hold some chunks of file ``f``."""
+        """Live nodes (not us) that hold some chunks of file ``f`` and do not fill it now
+        (a share prefetch's): one still filling it is asked as the owner of its chunks."""
         return self._holding(vid, f, whole=False)
 
     def _holding(self, vid: str, f: int, *, whole: bool) -> list[str]:
@@ -873,7 +874,7 @@ class Cluster:
         return [
             node
             for node, held in m.others.items()
-            if f in (held.complete if whole else held.partial)
+            if (f in held.complete if whole else f in held.partial and f not in held.loading)
             and (node in self.nodes or node in self._lingering)
         ]
 
