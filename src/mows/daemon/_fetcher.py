@@ -172,7 +172,6 @@ class ChunkFetcher:
         vid, f = v.id, v.file_index(chunk.path)
         index = v.chunk_range(chunk.path)[chunk.index]
         want = cluster.chunk_crc(vid, f, chunk.index)  # None: the file's CRC checks it
-        deadline: float | None = None
         asked: set[str] = set()  # asked without a wait: not asked again for this chunk
         while cluster.view_usable:
             now = time.monotonic()
@@ -191,17 +190,23 @@ class ChunkFetcher:
             owner = cluster.chunk_owner(vid, index)
             state = cluster.state(vid, owner, f)
             if owner != cluster.node_id and owner not in asked and self._closed(owner, now):
-                # Waited for over the peer connection: an etcd failover does not stop it.
+                # The request waits at the owner until the chunk lands there, asked again
+                # every WAIT_MAX for as long as the owner answers and its record says it
+                # fills the file: on a model 100x the origin link's second, a chunk may
+                # reach its owner minutes after the load starts, and a fixed deadline would
+                # send every waiter to the origin then. An owner that dies fails the
+                # connection (its breaker opens) or loses its lease; one whose fill fails
+                # says so in its record. The wait is over the peer connection: an etcd
+                # failover does not stop it.
                 if state.loading and wait_for_owner:
-                    deadline = deadline or now + self.config.peer_timeout
-                    if now < deadline:  # held by the owner until the chunk lands there
-                        wait = min(deadline - now, WAIT_MAX)
-                        got = await self._from_peer(target, chunk, owner, want, wait)
-                        if got is not None:
-                            return got
-                        continue
-                    log.info("no peer delivered %s chunk %d in time", chunk.path, chunk.index)
-                elif state.loading or state.partial:
+                    started = time.monotonic()
+                    got = await self._from_peer(target, chunk, owner, want, WAIT_MAX)
+                    if got is not None:
+                        return got
+                    if time.monotonic() - started < WAIT_MAX / 2:
+                        await asyncio.sleep(0.1)  # answered early (its fill ended): no spin
+                    continue
+                if state.loading or state.partial:
                     asked.add(owner)
                     got = await self._from_peer(target, chunk, owner, want)
                     if got is not None:
