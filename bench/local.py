@@ -1,6 +1,6 @@
 """Single-node figures: cold fill, warm open, touching every byte, memory of N processes.
 
-    python bench/local.py [--quick] [--repeat 5] [--workdir DIR]
+    python bench/local.py [--quick] [--repeat 5] [--workdir DIR] [--parts abcde]
 
 (a) cold load through mows (the daemon fills a fresh pool from a local source whose files are
     in the page cache) vs `cp` of the same files into a fresh directory in /dev/shm;
@@ -60,11 +60,12 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used, from /proc/PID/stat."""
+def process_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) a live process has used, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def size_of(path: Path) -> int:
@@ -211,63 +212,106 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Small models and few repeats.")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--parts",
+        default="abcde",
+        help="Which parts to run, e.g. 'a' for the cold fill alone [abcde]. A subset\n"
+        "writes results/local[-quick]-<parts>.json, not the full run's file.",
+    )
     args = ap.parse_args()
+    parts = set(args.parts)
+    if not parts or not parts <= set("abcde"):
+        ap.error("--parts: letters among abcde")
     small, big, cold = (64, 256, 128) if args.quick else (512, 2048, 1024)
     repeat = 3 if args.quick else args.repeat
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         base = Path(tmp)
-        m_cold = make_model(base / "cold", cold)
-        m_small = make_model(base / "small", small)
-        m_big = make_model(base / "big", big)
+        m_cold = make_model(base / "cold", cold) if "a" in parts else base / "cold"
+        warm = parts & set("bcde")
+        m_small = make_model(base / "small", small) if warm else base / "small"
+        m_big = make_model(base / "big", big) if parts & set("bc") else base / "big"
         for m in (m_cold, m_small, m_big):
-            subprocess.run(["cat", *map(str, m.glob("*"))], stdout=subprocess.DEVNULL, check=True)
+            if m.exists():
+                subprocess.run(
+                    ["cat", *map(str, m.glob("*"))], stdout=subprocess.DEVNULL, check=True
+                )
 
-        # (a) cold fill vs cp into /dev/shm
         sock_dir = base / "sock"
         sock_dir.mkdir()
-        t_cp, t_mows, cpu_cp, cpu_mows = [], [], [], []
-        gib = size_of(m_cold) / 2**30
-        for _ in range(repeat):
-            dst = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="mows-bench-cp-"))
-            files = [str(f) for f in sorted(m_cold.glob("*.safetensors"))]
-            before = children_cpu()
-            t = time.perf_counter()
-            subprocess.run(["cp", *files, str(dst)], check=True)
-            t_cp.append(time.perf_counter() - t)
-            cpu_cp.append((children_cpu() - before) / gib)
-            shutil.rmtree(dst)
-            time.sleep(1)
-            d = DaemonProcess(
-                sock_dir, roots=[base], max_memory="8GiB", extra=["--chunk-size", "auto"]
-            ).start()
-            try:
-                assert d.proc is not None
-                before = process_cpu(d.proc.pid)
-                summary = mows_load(d.socket, m_cold)
-                cpu_mows.append((process_cpu(d.proc.pid) - before) / gib)
-                t_mows.append(summary["seconds"])
-            finally:
-                d.stop()
-            time.sleep(1)
-        results["a_cold"] = {
-            "bytes": size_of(m_cold),
-            "cp_s": t_cp,
-            "mows_s": t_mows,
-            "cp_gib_s": gib / median(t_cp),
-            "mows_gib_s": gib / median(t_mows),
-            "ratio": median(t_cp) / median(t_mows),
-            "cp_cpu_s_per_gib": cpu_cp,
-            "mows_cpu_s_per_gib": cpu_mows,
-            "cpu_ratio": median(cpu_mows) / median(cpu_cp),
-        }
+        if "a" in parts:
+            results["a_cold"] = cold_fill(base, m_cold, sock_dir, repeat)
+        if parts & set("bcd"):
+            results.update(warm_daemon(base, m_small, m_big, sock_dir, repeat, parts))
+        if "e" in parts:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results["e_origin"] = origin_requests(base, m_small, sock_dir)
 
-        # (b)-(d) on one warm daemon
-        d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
+    print(f"median of {repeat}, interleaved")
+    print(table(["what", "model", "seconds", "rate/memory", "figure (target)"], rows_of(results)))
+    name = "local-quick" if args.quick else "local"
+    if parts != set("abcde"):
+        name += "-" + "".join(sorted(parts))
+    out = write_json(name, {"repeat": repeat, "results": results})
+    print(f"wrote {out}")
+
+
+def cold_fill(base: Path, m_cold: Path, sock_dir: Path, repeat: int) -> dict[str, Any]:
+    """(a) cold fill vs cp into /dev/shm, interleaved; CPU-s/GiB of each, the daemon's also
+    split into user and system (a fill's cost is mostly the kernel's)."""
+    t_cp, t_mows, cpu_cp, cpu_mows, sys_mows = [], [], [], [], []
+    gib = size_of(m_cold) / 2**30
+    for _ in range(repeat):
+        dst = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="mows-bench-cp-"))
+        files = [str(f) for f in sorted(m_cold.glob("*.safetensors"))]
+        before = children_cpu()
+        t = time.perf_counter()
+        subprocess.run(["cp", *files, str(dst)], check=True)
+        t_cp.append(time.perf_counter() - t)
+        cpu_cp.append((children_cpu() - before) / gib)
+        shutil.rmtree(dst)
+        time.sleep(1)
+        d = DaemonProcess(
+            sock_dir, roots=[base], max_memory="8GiB", extra=["--chunk-size", "auto"]
+        ).start()
         try:
-            for m in (m_small, m_big):
+            assert d.proc is not None
+            user, system = process_cpu(d.proc.pid)
+            summary = mows_load(d.socket, m_cold)
+            user2, system2 = process_cpu(d.proc.pid)
+            cpu_mows.append((user2 - user + system2 - system) / gib)
+            sys_mows.append((system2 - system) / gib)
+            t_mows.append(summary["seconds"])
+        finally:
+            d.stop()
+        time.sleep(1)
+    return {
+        "bytes": size_of(m_cold),
+        "cp_s": t_cp,
+        "mows_s": t_mows,
+        "cp_gib_s": gib / median(t_cp),
+        "mows_gib_s": gib / median(t_mows),
+        "ratio": median(t_cp) / median(t_mows),
+        "cp_cpu_s_per_gib": cpu_cp,
+        "mows_cpu_s_per_gib": cpu_mows,
+        "mows_system_s_per_gib": sys_mows,
+        "cpu_ratio": median(cpu_mows) / median(cpu_cp),
+    }
+
+
+def warm_daemon(
+    base: Path, m_small: Path, m_big: Path, sock_dir: Path, repeat: int, parts: set[str]
+) -> dict[str, Any]:
+    """(b)-(d) on one warm daemon."""
+    results: dict[str, Any] = {}
+    d = DaemonProcess(sock_dir, roots=[base], max_memory="8GiB").start()
+    try:
+        for m in (m_small, m_big):
+            if m.exists():
                 mows_load(d.socket, m)
+        if "b" in parts:
             for name, m in (("small", m_small), ("big", m_big)):
                 warm, eager = [], []
                 for _ in range(repeat):
@@ -282,6 +326,7 @@ def main() -> None:
             results["b_growth"] = median(results["b_warm_big"]["warm_s"]) / median(
                 results["b_warm_small"]["warm_s"]
             )
+        if "c" in parts:
             t_map, t_anon = [], []
             for _ in range(repeat):
                 t_map.append(child(COPY, "mows", str(m_big), d.socket))
@@ -292,6 +337,7 @@ def main() -> None:
                 "anon_s": t_anon,
                 "ratio": median(t_anon) / median(t_map),
             }
+        if "d" in parts:
             mem_mows = hold_memory("mows", m_small, d.socket)
             mem_eager = hold_memory("eager", m_small, d.socket)
             results["d_memory"] = {
@@ -301,111 +347,123 @@ def main() -> None:
                 "mows_x_model": mem_mows / size_of(m_small),
                 "eager_x_model": mem_eager / size_of(m_small),
             }
-        finally:
-            d.stop()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            results["e_origin"] = origin_requests(base, m_small, sock_dir)
+    finally:
+        d.stop()
+    return results
 
-    a, c, dm = results["a_cold"], results["c_copy"], results["d_memory"]
-    bs, bb = results["b_warm_small"], results["b_warm_big"]
+
+def rows_of(results: dict[str, Any]) -> list[list[object]]:
+    """The table's rows for the parts that ran."""
     mib = 2**20
-    rows = [
-        [
-            "(a) cold fill, cp -> /dev/shm",
-            f"{a['bytes'] // mib} MiB",
-            median(a["cp_s"]),
-            f"{a['cp_gib_s']:.2f} GiB/s, {median(a['cp_cpu_s_per_gib']):.2f} CPU-s/GiB",
-            "",
-        ],
-        [
-            "(a) cold fill, mows daemon",
-            f"{a['bytes'] // mib} MiB",
-            median(a["mows_s"]),
-            f"{a['mows_gib_s']:.2f} GiB/s, {median(a['mows_cpu_s_per_gib']):.2f} CPU-s/GiB",
-            f"{a['ratio']:.2f}x cp (>= 0.8); CPU {a['cpu_ratio']:.2f}x cp (<= 1.5)",
-        ],
-        ["(b) warm open, mows", f"{bs['bytes'] // mib} MiB", median(bs["warm_s"]), "", ""],
-        [
-            "(b) warm open, eager safetensors",
-            f"{bs['bytes'] // mib} MiB",
-            median(bs["eager_s"]),
-            "",
-            f"mows {bs['speedup']:.0f}x faster (>= 50)",
-        ],
-        [
-            "(b) warm open, mows",
-            f"{bb['bytes'] // mib} MiB",
-            median(bb["warm_s"]),
-            "",
-            f"{results['b_growth']:.2f}x the small one (<= 1.5)",
-        ],
-        [
-            "(b) warm open, eager safetensors",
-            f"{bb['bytes'] // mib} MiB",
-            median(bb["eager_s"]),
-            "",
-            f"mows {bb['speedup']:.0f}x faster (>= 50)",
-        ],
-        [
-            "(c) copy every tensor, from anon memory",
-            f"{c['bytes'] // mib} MiB",
-            median(c["anon_s"]),
-            "",
-            "",
-        ],
-        [
-            "(c) copy every tensor, from the pool",
-            f"{c['bytes'] // mib} MiB",
-            median(c["pool_s"]),
-            "",
-            f"{c['ratio']:.2f}x anon (>= 0.8)",
-        ],
-        [
-            "(d) 4 processes hold it, eager",
-            f"{dm['bytes'] // mib} MiB",
-            "",
-            f"{dm['eager_total'] / mib:.0f} MiB",
-            f"{dm['eager_x_model']:.2f}x model",
-        ],
-        [
-            "(d) 4 processes hold it, mows",
-            f"{dm['bytes'] // mib} MiB",
-            "",
-            f"{dm['mows_total'] / mib:.0f} MiB",
-            f"{dm['mows_x_model']:.2f}x model (<= 1.1)",
-        ],
-    ]
-    e = results["e_origin"]
-    rows += [
-        [
-            "(e) cold open over HTTP: origin requests",
-            f"{e['files']} files",
-            e["cold"]["seconds"],
-            f"{e['cold']['requests']} requests",
-            "",
-        ],
-        [
-            "(e) warm open over HTTP: origin requests",
-            f"{e['files']} files",
-            e["warm"]["seconds"],
-            f"{e['warm']['requests']} requests",
-            "<= 1",
-        ],
-        [
-            "(e) warm open, origin stopped",
-            f"{e['files']} files",
-            e["origin_down"]["seconds"],
-            ",".join(e["origin_down"]["warnings"]) or "no warning",
-            "opens, warns",
-        ],
-    ]
-    print(f"median of {repeat}, interleaved")
-    print(table(["what", "model", "seconds", "rate/memory", "figure (target)"], rows))
-    out = write_json(
-        "local-quick" if args.quick else "local", {"repeat": repeat, "results": results}
-    )
-    print(f"wrote {out}")
+    rows: list[list[object]] = []
+    if "a_cold" in results:
+        a = results["a_cold"]
+        system = median(a["mows_system_s_per_gib"]) / median(a["mows_cpu_s_per_gib"])
+        rows += [
+            [
+                "(a) cold fill, cp -> /dev/shm",
+                f"{a['bytes'] // mib} MiB",
+                median(a["cp_s"]),
+                f"{a['cp_gib_s']:.2f} GiB/s, {median(a['cp_cpu_s_per_gib']):.2f} CPU-s/GiB",
+                "",
+            ],
+            [
+                "(a) cold fill, mows daemon",
+                f"{a['bytes'] // mib} MiB",
+                median(a["mows_s"]),
+                f"{a['mows_gib_s']:.2f} GiB/s, {median(a['mows_cpu_s_per_gib']):.2f} CPU-s/GiB"
+                f" ({system:.0%} system)",
+                f"{a['ratio']:.2f}x cp (>= 0.8); CPU {a['cpu_ratio']:.2f}x cp (<= 1.5)",
+            ],
+        ]
+    if "b_warm_small" in results:
+        bs, bb = results["b_warm_small"], results["b_warm_big"]
+        rows += [
+            ["(b) warm open, mows", f"{bs['bytes'] // mib} MiB", median(bs["warm_s"]), "", ""],
+            [
+                "(b) warm open, eager safetensors",
+                f"{bs['bytes'] // mib} MiB",
+                median(bs["eager_s"]),
+                "",
+                f"mows {bs['speedup']:.0f}x faster (>= 50)",
+            ],
+            [
+                "(b) warm open, mows",
+                f"{bb['bytes'] // mib} MiB",
+                median(bb["warm_s"]),
+                "",
+                f"{results['b_growth']:.2f}x the small one (<= 1.5)",
+            ],
+            [
+                "(b) warm open, eager safetensors",
+                f"{bb['bytes'] // mib} MiB",
+                median(bb["eager_s"]),
+                "",
+                f"mows {bb['speedup']:.0f}x faster (>= 50)",
+            ],
+        ]
+    if "c_copy" in results:
+        c = results["c_copy"]
+        rows += [
+            [
+                "(c) copy every tensor, from anon memory",
+                f"{c['bytes'] // mib} MiB",
+                median(c["anon_s"]),
+                "",
+                "",
+            ],
+            [
+                "(c) copy every tensor, from the pool",
+                f"{c['bytes'] // mib} MiB",
+                median(c["pool_s"]),
+                "",
+                f"{c['ratio']:.2f}x anon (>= 0.8)",
+            ],
+        ]
+    if "d_memory" in results:
+        dm = results["d_memory"]
+        rows += [
+            [
+                "(d) 4 processes hold it, eager",
+                f"{dm['bytes'] // mib} MiB",
+                "",
+                f"{dm['eager_total'] / mib:.0f} MiB",
+                f"{dm['eager_x_model']:.2f}x model",
+            ],
+            [
+                "(d) 4 processes hold it, mows",
+                f"{dm['bytes'] // mib} MiB",
+                "",
+                f"{dm['mows_total'] / mib:.0f} MiB",
+                f"{dm['mows_x_model']:.2f}x model (<= 1.1)",
+            ],
+        ]
+    if "e_origin" in results:
+        e = results["e_origin"]
+        rows += [
+            [
+                "(e) cold open over HTTP: origin requests",
+                f"{e['files']} files",
+                e["cold"]["seconds"],
+                f"{e['cold']['requests']} requests",
+                "",
+            ],
+            [
+                "(e) warm open over HTTP: origin requests",
+                f"{e['files']} files",
+                e["warm"]["seconds"],
+                f"{e['warm']['requests']} requests",
+                "<= 1",
+            ],
+            [
+                "(e) warm open, origin stopped",
+                f"{e['files']} files",
+                e["origin_down"]["seconds"],
+                ",".join(e["origin_down"]["warnings"]) or "no warning",
+                "opens, warns",
+            ],
+        ]
+    return rows
 
 
 if __name__ == "__main__":

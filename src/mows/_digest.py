@@ -11,7 +11,7 @@ import blake3
 
 from ._crc import crc32
 
-__all__ = ["DIGEST_BYTES", "chunk_digest", "crc_and_digest"]
+__all__ = ["DIGEST_BYTES", "CrcAndDigest", "chunk_digest", "crc_and_digest"]
 
 DIGEST_BYTES = 32
 _SLICE = 256 * 2**10  # both hashes read each slice while it is in cache: one pass, not two
@@ -30,3 +30,19 @@ def crc_and_digest(data: memoryview) -> tuple[int, bytes]:
             crc = crc32(part, crc)
             h.update(part)
     return crc, h.digest()
+
+
+class CrcAndDigest:
+    """``crc_and_digest`` of a chunk fed in parts, in order (each part hashed by both while
+    it is in cache: an origin fill's blocks)."""
+
+    def __init__(self) -> None:
+        self.crc = 0
+        self._hash = blake3.blake3()
+
+    def update(self, part: memoryview) -> None:
+        self.crc = crc32(part, self.crc)
+        self._hash.update(part)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()

@@ -1,28 +1,39 @@
-"""Filling pool files: parallel chunk reads straight into the shared mapping, and the checks
-that make a file visible.
+"""Filling pool files: parallel chunk reads into the pool, and the checks that make a file
+visible.
 
-Each chunk is read with ``Source.read_into`` into the pool file's own mapping (no bounce
-buffer) and CRC'd there by a worker thread; both release the GIL. The mapping is not
-pre-populated: page faults then happen inside the parallel reads, which measured faster on
-fresh memory than MAP_POPULATE's single-threaded zeroing. A file with a SHA-256 digest is
-hashed while it fills (``DigestFollower``), not in a second pass after it.
+A local-directory origin (``LocalSource``) is copied the way ``cp`` copies: each worker
+thread reads a chunk block by block into a small buffer of its own (``BOUNCE``) that stays in
+cache, CRCs the block there and ``pwrite``s it to the pool file; tmpfs allocates the pages in
+the write path. Reading straight into the pool file's fresh shared mapping, as before, took a
+page fault (and a page zeroing) per 4 KiB: 262K minor faults per GiB, 93% of the daemon's CPU
+in the kernel, 76% in fault handling. Measured on this project's VMs (bench/local.py (a),
+1 GiB in the page cache, 4 workers, cp in the same runs): 0.89-0.90 CPU-s/GiB that way, 0.59-0.60
+through the buffer, cp 0.47-0.50. MADV_POPULATE_WRITE, ``fallocate``, ``sendfile``/``splice``
+(one copy, then CRC via the mapping) measured no better than faulting; ``copy_file_range``
+fails across filesystems. The CRC (and BLAKE3) covers exactly the bytes handed to ``pwrite``.
+Other sources (HTTP, S3) fetch a chunk with one ``read_into`` (one request) straight into the
+mapping. A file with a SHA-256 digest is hashed while it fills (``DigestFollower``), not in
+a second pass after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import mmap
 import os
+import threading
 from collections.abc import Iterable, Sequence
 
 from .._crc import combine_chunks, crc32
-from .._digest import crc_and_digest
-from .._errors import IntegrityError
+from .._digest import CrcAndDigest, crc_and_digest
+from .._errors import CapacityError, IntegrityError
 from ..manifest import Chunk, chunk_count
 from ..pool import PoolFile
 from ..sources import Source
+from ..sources._local import LocalSource
 
 __all__ = [
     "DigestFollower",
@@ -35,10 +46,16 @@ __all__ = [
 ]
 
 BLOCK = 1024 * 1024  # re-verification reads: CRC and SHA-256 of a block while it is in cache
+# Origin fills from a local directory: each worker's buffer. Measured 0.62 CPU-s/GiB at 512 KiB,
+# 0.64-0.70 at 128 KiB-1 MiB (4 workers, 2 cores, 1 MiB of L2 each: two buffers per core fit).
+BOUNCE = 512 * 1024
+
+_worker = threading.local()
 
 
 class FileFill:
-    """A pool file being filled: its fd and writable mapping, released by ``close``."""
+    """A pool file being filled: its fd and writable mapping, released by ``close``. Chunks
+    land through either (``write``, or a view of the mapping); the bytes are the same."""
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
@@ -46,9 +63,30 @@ class FileFill:
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED) if size else None
         self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
         self._closed = False
+        # Writers of one tmpfs file are serialized by its inode lock anyway; waiting here
+        # sleeps, where the kernel's rwsem spins on its owner (up to 21% of the CPU): 4
+        # workers filling one file measured 0.76 vs 0.91 and 0.75 vs 0.84 CPU-s/GiB alone,
+        # 0.64 vs 0.66 in the daemon (at 1.51 vs 1.10 GiB/s).
+        self._write_lock = threading.Lock()
 
     def chunk_view(self, chunk: Chunk) -> memoryview:
         return self.view[chunk.offset : chunk.offset + chunk.length]
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """All of ``data`` into the file at ``offset`` (tmpfs allocates the pages here: no
+        faults). A full pool filesystem is a ``CapacityError``, not a crash."""
+        if self._closed:
+            raise ValueError("write to a closed FileFill")
+        done = 0
+        try:
+            with self._write_lock:
+                while done < len(data):
+                    with data[done:] as rest:
+                        done += os.pwrite(self.fd, rest, offset + done)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise CapacityError(f"the pool's filesystem is full: {e.strerror}") from None
+            raise
 
     def forget(self, chunk: Chunk) -> None:
         """Give a chunk's pages back to the system (a failed write into a sparse partial
@@ -69,8 +107,10 @@ class FileFill:
 def fetch_chunk(
     source: Source, fill: FileFill, chunk: Chunk, digest: bool = False
 ) -> tuple[int, bytes | None]:
-    """Read one chunk from the source into the pool mapping; return its CRC-32 and, if asked
+    """Read one chunk from the source into the pool file; return its CRC-32 and, if asked
     (a cluster node: peers will want it), its BLAKE3 digest, in the same pass."""
+    if isinstance(source, LocalSource):
+        return _copy_chunk(source, fill, chunk, digest)
     view = fill.chunk_view(chunk)
     try:
         source.read_into(chunk.path, chunk.offset, view)
@@ -79,6 +119,36 @@ def fetch_chunk(
         return crc32(view), None
     finally:
         view.release()
+
+
+def _copy_chunk(
+    source: LocalSource, fill: FileFill, chunk: Chunk, digest: bool
+) -> tuple[int, bytes | None]:
+    """A local file's chunk through this worker's buffer: each block CRC'd (and hashed)
+    while in cache, then written; the checks cover exactly the bytes written."""
+    hasher = CrcAndDigest() if digest else None
+    crc = 0
+
+    def land(block: memoryview, at: int) -> None:
+        nonlocal crc
+        if hasher is not None:
+            hasher.update(block)
+        else:
+            crc = crc32(block, crc)
+        fill.write(chunk.offset + at, block)
+
+    source.read_through(chunk.path, chunk.offset, chunk.length, _bounce(), land)
+    if hasher is not None:
+        return hasher.crc, hasher.digest()
+    return crc, None
+
+
+def _bounce() -> memoryview:
+    """This worker thread's buffer, kept for its next chunk (hot in cache, never refaulted)."""
+    buf: memoryview | None = getattr(_worker, "bounce", None)
+    if buf is None:
+        buf = _worker.bounce = memoryview(bytearray(BOUNCE))
+    return buf
 
 
 def check_file(f: PoolFile, chunk_crcs: dict[int, int], source: str) -> int:

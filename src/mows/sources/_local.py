@@ -13,6 +13,7 @@ import logging
 import os
 import stat as stat_mod
 import threading
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from .._errors import SourceError, SourceNotFoundError
@@ -36,7 +37,9 @@ _REASONS = {
 
 
 class LocalSource(Source):
-    """Reads with ``preadv`` straight into the caller's buffer: no intermediate copy."""
+    """Reads with ``preadv`` straight into the caller's buffer: no intermediate copy.
+    ``read_through`` reads a range block by block through one small buffer instead (how
+    an origin fill copies into the pool: see ``mows.daemon._fill``)."""
 
     def __init__(self, location: str) -> None:
         self._anchor = -1
@@ -189,8 +192,40 @@ class LocalSource(Source):
     def read_into(self, path: str, offset: int, buf: memoryview) -> None:
         fd, _ = self._open_file(path)
         try:
-            view = buf.cast("B") if buf.format != "B" else buf
-            done = 0
+            self._pread(fd, path, offset, buf.cast("B") if buf.format != "B" else buf)
+        finally:
+            os.close(fd)
+
+    def read_through(
+        self,
+        path: str,
+        offset: int,
+        length: int,
+        buf: memoryview,
+        sink: Callable[[memoryview, int], None],
+    ) -> None:
+        """``length`` bytes of the file from ``offset``, read block by block into ``buf``
+        (reused for each block): ``sink(block, at)`` gets each one while it is still in
+        cache, ``at`` its offset in the range. One open for the range; what ``sink`` raises
+        passes through unchanged."""
+        if not len(buf) and length:
+            raise ValueError("read_through needs a non-empty buffer")
+        fd, _ = self._open_file(path)
+        try:
+            at = 0
+            while at < length:
+                n = min(len(buf), length - at)
+                with buf[:n] as block:
+                    self._pread(fd, path, offset + at, block)
+                    sink(block, at)
+                at += n
+        finally:
+            os.close(fd)
+
+    def _pread(self, fd: int, path: str, offset: int, view: memoryview) -> None:
+        """All of ``view`` from ``offset``; a short read is a ``SourceError``."""
+        done = 0
+        try:
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
@@ -204,5 +239,3 @@ class LocalSource(Source):
             if e.errno == errno.EINTR:  # pragma: no cover - retried by Python itself
                 raise
             raise SourceError(self.url, path, e.strerror or str(e)) from None
-        finally:
-            os.close(fd)
