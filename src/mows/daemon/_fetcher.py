@@ -342,9 +342,13 @@ def _fetch_from_peer(
     wait: float,
 ) -> Received:
     view = target.fill.chunk_view(chunk)
+
+    def sink(at: int, block: memoryview) -> None:
+        target.fill.write(chunk.offset + at, block)
+
     try:
         return peering.client.fetch(
-            address, target.version.id, chunk.path, chunk.index, view, crc, node, wait
+            address, target.version.id, chunk.path, chunk.index, view, crc, node, wait, sink
         )
     finally:
         view.release()

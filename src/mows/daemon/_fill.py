@@ -2,7 +2,7 @@
 visible.
 
 A local-directory origin (``LocalSource``) is copied the way ``cp`` copies: each worker
-thread reads a chunk block by block into a small buffer of its own (``BOUNCE``) that stays in
+thread reads a chunk block by block into a small buffer of its own (``mows._bounce``) that stays in
 cache, CRCs the block there and ``pwrite``s it to the pool file; tmpfs allocates the pages in
 the write path. Reading straight into the pool file's fresh shared mapping, as before, took a
 page fault (and a page zeroing) per 4 KiB: 262K minor faults per GiB, 93% of the daemon's CPU
@@ -27,6 +27,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 
+from .._bounce import thread_buffer
 from .._crc import combine_chunks, crc32
 from .._digest import CrcAndDigest, crc_and_digest
 from .._errors import CapacityError, IntegrityError
@@ -46,11 +47,6 @@ __all__ = [
 ]
 
 BLOCK = 1024 * 1024  # re-verification reads: CRC and SHA-256 of a block while it is in cache
-# Origin fills from a local directory: each worker's buffer. Measured 0.62 CPU-s/GiB at 512 KiB,
-# 0.64-0.70 at 128 KiB-1 MiB (4 workers, 2 cores, 1 MiB of L2 each: two buffers per core fit).
-BOUNCE = 512 * 1024
-
-_worker = threading.local()
 
 
 class FileFill:
@@ -137,18 +133,10 @@ def _copy_chunk(
             crc = crc32(block, crc)
         fill.write(chunk.offset + at, block)
 
-    source.read_through(chunk.path, chunk.offset, chunk.length, _bounce(), land)
+    source.read_through(chunk.path, chunk.offset, chunk.length, thread_buffer(), land)
     if hasher is not None:
         return hasher.crc, hasher.digest()
     return crc, None
-
-
-def _bounce() -> memoryview:
-    """This worker thread's buffer, kept for its next chunk (hot in cache, never refaulted)."""
-    buf: memoryview | None = getattr(_worker, "bounce", None)
-    if buf is None:
-        buf = _worker.bounce = memoryview(bytearray(BOUNCE))
-    return buf
 
 
 def check_file(f: PoolFile, chunk_crcs: dict[int, int], source: str) -> int:

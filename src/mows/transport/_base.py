@@ -6,12 +6,15 @@ One contract test suite runs against every implementation (``--nic tcp``; UCX wo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ._wire import Received
 
-__all__ = ["ChunkStore", "PeerClient", "PeerServer", "Received", "ServedChunk"]
+__all__ = ["ChunkStore", "PeerClient", "PeerServer", "Received", "ServedChunk", "Sink"]
+
+Sink = Callable[[int, memoryview], None]  # (offset in the chunk, block): write it there
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,11 @@ class PeerClient(ABC):
         expected_crc: int | None,
         node: str | None = None,
         wait: float = 0.0,
+        sink: Sink | None = None,
     ) -> Received:
         """Fetch one chunk into ``dest`` (exactly its length); return its CRC-32 and digest.
+        ``sink(at, block)``: writes ``block`` at offset ``at`` of ``dest``'s storage; a
+        transport that receives in blocks may use it instead of writing ``dest`` itself.
 
         ``node``: the node id the directory gave for ``address``; a server proving another
         id is refused. ``wait``: seconds the server may wait for a chunk it does not hold yet.

@@ -17,8 +17,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .._bounce import thread_buffer
+from .._digest import CrcAndDigest
 from .._errors import MowsError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
+from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk, Sink
 from ._wire import (
     Channel,
     ChunkHeader,
@@ -28,6 +30,7 @@ from ._wire import (
     PeerFailure,
     PeerMessage,
     Received,
+    check_received,
     client_handshake,
     recv_peer,
     send_peer,
@@ -318,6 +321,7 @@ class TcpPeerClient(PeerClient):
         expected_crc: int | None,
         node: str | None = None,
         wait: float = 0.0,
+        sink: Sink | None = None,
     ) -> Received:
         request = ChunkRequest(model, path, index, wait)
         reused = bool(self._idle.get(address))  # a hint: a pooled connection may be stale
@@ -348,16 +352,13 @@ class TcpPeerClient(PeerClient):
                 raise PeerError(address, f"expected ChunkHeader, got {type(header).__name__}")
             if header.length != len(dest):
                 raise PeerError(address, f"chunk of {header.length} bytes, expected {len(dest)}")
-            got = 0
             start = time.monotonic()
-            while got < len(dest):
-                n = conn.sock.recv_into(dest[got:])
-                if n == 0:
-                    raise PeerError(address, f"connection closed after {got} of {len(dest)} bytes")
-                got += n
-            if conn.channel.encrypted:
-                conn.channel.chunk_cipher(sending=False).update_into(dest, dest)
-            received = verify_chunk(address, path, index, dest, expected_crc, header)
+            if sink is not None:
+                crc, digest = _receive_through(conn, address, header.length, sink)
+                received = check_received(address, path, index, crc, digest, expected_crc, header)
+            else:
+                _receive_into(conn, address, dest)
+                received = verify_chunk(address, path, index, dest, expected_crc, header)
             ok = True
             log.debug(
                 "%s chunk %d from %s: %.1f MiB/s",
@@ -410,6 +411,43 @@ class TcpPeerClient(PeerClient):
                 for c in conns:
                     c.sock.close()
             self._idle.clear()
+
+
+def _receive_into(conn: _Conn, address: str, dest: memoryview) -> None:
+    got = 0
+    while got < len(dest):
+        n = conn.sock.recv_into(dest[got:])
+        if n == 0:
+            raise PeerError(address, f"connection closed after {got} of {len(dest)} bytes")
+        got += n
+    if conn.channel.encrypted:
+        conn.channel.chunk_cipher(sending=False).update_into(dest, dest)
+
+
+def _receive_through(conn: _Conn, address: str, length: int, sink: Sink) -> tuple[int, bytes]:
+    """The chunk block by block through this thread's buffer (see mows._bounce: receiving
+    into the pool's fresh mapping faults a page at a time): each block decrypted, hashed and
+    handed to ``sink`` in turn, so the checks cover exactly the bytes written."""
+    buf = thread_buffer()
+    hasher = CrcAndDigest()
+    cipher = conn.channel.chunk_cipher(sending=False) if conn.channel.encrypted else None
+    got = 0
+    while got < length:
+        block = buf[: min(len(buf), length - got)]
+        filled = 0
+        while filled < len(block):
+            n = conn.sock.recv_into(block[filled:])
+            if n == 0:
+                raise PeerError(
+                    address, f"connection closed after {got + filled} of {length} bytes"
+                )
+            filled += n
+        if cipher is not None:
+            cipher.update_into(block, block)
+        hasher.update(block)
+        sink(got, block)
+        got += filled
+    return hasher.crc, hasher.digest()
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .._errors import ConfigError, PeerError, ProtocolError
-from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk
+from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk, Sink
 from ._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS, SEND_TIMEOUT, split_address
 from ._wire import (
     MAX_PEER_FRAME,
@@ -253,6 +253,7 @@ class UcxPeerClient(PeerClient):
         expected_crc: int | None,
         node: str | None = None,
         wait: float = 0.0,
+        sink: Sink | None = None,  # UCX receives into ``dest`` in one message
     ) -> Received:
         ended = threading.Event()
         request = ChunkRequest(model, path, index, wait)

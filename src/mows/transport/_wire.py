@@ -43,6 +43,7 @@ __all__ = [
     "PeerOk",
     "Received",
     "ServerHandshake",
+    "check_received",
     "client_handshake",
     "decode_peer",
     "proof",
@@ -250,6 +251,19 @@ def verify_chunk(
     ``PeerError(corrupt=True)`` on any mismatch. The digest is what stops a CRC-preserving
     edit (CRC-32 is linear); the CRC is what ties the chunk to the origin's crc32.txt."""
     actual, digest = crc_and_digest(data)
+    return check_received(peer, path, index, actual, digest, expected_crc, header)
+
+
+def check_received(
+    peer: str,
+    path: str,
+    index: int,
+    actual: int,
+    digest: bytes,
+    expected_crc: int | None,
+    header: ChunkHeader,
+) -> Received:
+    """``verify_chunk`` for a chunk whose CRC and digest were computed as it arrived."""
     if not hmac.compare_digest(digest, header.digest):
         raise PeerError(
             peer, f"{path} chunk {index}: bytes do not match their BLAKE3 digest", corrupt=True
