@@ -157,6 +157,9 @@ class LocalApi:
             return p.StatusReply(self.backend.reload())
         except MowsError as e:
             return p.error_message(e)
+        except Exception as e:  # a bug: answered (and logged), never a dropped connection
+            log.exception("%s failed", type(msg).__name__)
+            return p.Error(kind=type(e).__name__, message=f"internal error: {e}")
 
     def _release(self, conn: _Connection, msg: p.Release) -> None:
         key = (msg.model, None if msg.files is None else tuple(sorted(msg.files)))

@@ -180,6 +180,8 @@ class Daemon:
     # -- access control and sources --------------------------------------------------------------
     def authorize(self, path: str) -> str:
         """The canonical location for ``path``, if it lies under an allowed root."""
+        if "\x00" in path:
+            raise AccessDeniedError(f"{path[:200]!r}: a path cannot contain a NUL byte")
         if "://" in path:
             location = path.rstrip("/")
             # Decoded before any check: "%2e%2e/" is "../" to the origin that receives it.

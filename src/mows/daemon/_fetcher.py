@@ -212,7 +212,8 @@ class ChunkFetcher:
                     if got is not None:
                         return got
                     continue
-            part = await self._partial_holder(vid, f, chunk, asked)
+            chunks = len(v.chunks(chunk.path))
+            part = await self._partial_holder(vid, f, chunk, chunks, asked)
             if part is None:
                 return None
             asked.add(part)
@@ -221,7 +222,9 @@ class ChunkFetcher:
                 return got
         return None
 
-    async def _partial_holder(self, vid: str, f: int, chunk: Chunk, asked: set[str]) -> str | None:
+    async def _partial_holder(
+        self, vid: str, f: int, chunk: Chunk, chunks: int, asked: set[str]
+    ) -> str | None:
         """A node holding part of the file whose ``Have`` (at most HAVE_TTL old) lists the
         chunk: e.g. one that prefetched its share before the owners changed."""
         assert self.peering is not None
@@ -245,7 +248,8 @@ class ChunkFetcher:
                 except PeerError as e:
                     log.debug("%s: %s", node, e)
                     held = b""
-                seen = self._haves[key] = (now, held)
+                # Kept only as long as the file's bitmap: a peer's Have may be far longer.
+                seen = self._haves[key] = (now, held[: (chunks + 7) // 8])
                 if len(self._haves) > HAVE_CACHE:
                     self._haves.pop(next(iter(self._haves)))
             held = seen[1]

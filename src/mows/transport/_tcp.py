@@ -168,7 +168,9 @@ class TcpPeerServer(PeerServer):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
                 chunk = self._store.open_chunk(req.model, req.path, req.index, req.wait)
                 if chunk is None:
-                    send_peer(conn, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
+                    send_peer(
+                        conn, PeerFailure(f"not held: {req.path[:200]} chunk {req.index}"), channel
+                    )
                     continue
                 try:
                     header = ChunkHeader(chunk.offset, chunk.length, chunk.crc, chunk.digest)

@@ -199,7 +199,7 @@ class UcxPeerServer(PeerServer):
         # Hashing and ciphers run off the loop: it carries every UCX transfer of the process.
         run = asyncio.get_running_loop().run_in_executor
         if chunk is None:
-            await _send(ep, PeerFailure(f"not held: {req.path} chunk {req.index}"), channel)
+            await _send(ep, PeerFailure(f"not held: {req.path[:200]} chunk {req.index}"), channel)
             return
         try:
             with mmap.mmap(chunk.fd, chunk.length, prot=mmap.PROT_READ, offset=chunk.offset) as m:
