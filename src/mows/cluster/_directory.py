@@ -289,7 +289,6 @@ class Cluster:
         self._stash: _Stash = {}
         self._stash_bytes = 0
         self._crcs_pending: dict[tuple[str, int], list[int]] = {}  # (version, file) -> CRCs
-        self._changed = asyncio.Event()
         self._gen = 0  # bumped when a node comes, goes or changes capacity, or the view is replaced
         self._unread: set[str] = set()  # joined versions whose records are still to be read
         self._wake_reader = asyncio.Event()
@@ -391,7 +390,6 @@ class Cluster:
             self._drop_timer.cancel()
             self._drop_timer = None
         self.healthy, self.degraded, self.last_error = True, False, ""
-        self._notify()
 
     def _set_disconnected(self) -> None:
         if not self.healthy:
@@ -403,7 +401,6 @@ class Cluster:
         )
         self.healthy, self.degraded, self._lost_at = False, True, time.monotonic()
         self._drop_timer = asyncio.get_running_loop().call_later(self.grace, self._drop_view)
-        self._notify()
 
     def _drop_view(self) -> None:
         log.warning(
@@ -419,7 +416,6 @@ class Cluster:
         self._stash.clear()
         self._stash_bytes = 0
         self._gen += 1
-        self._notify()
 
     async def _put(self, key: str, value: bytes) -> None:
         self.puts += 1
@@ -486,7 +482,6 @@ class Cluster:
             for node in gone & records.keys():
                 self._stash_holding(fp, node, 0, None)
         self._lingering.clear()
-        self._notify()
 
     async def _read_version(self, vid: str) -> None:
         for prefix in (f"holdings/{vid}/", f"manifests/{vid}/"):
@@ -648,7 +643,6 @@ class Cluster:
                 self._apply_crcs(parts, value, deleted)
         except (UnicodeDecodeError, msgspec.DecodeError, ProtocolError) as e:
             self._reject(key, str(e))
-        self._notify()
 
     def _apply_node(self, parts: list[str], value: bytes, deleted: bool) -> None:
         if len(parts) != 2 or not parts[1]:
@@ -774,10 +768,6 @@ class Cluster:
             self._logged.add(short)
             log.warning("ignoring directory record %r: %s (logged once per key)", short, why)
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
     # -- what this node tells the directory ----------------------------------------------------
     def join(self, vid: str, manifest: Manifest) -> None:
         """Take part in this version: hold records of it, be told of its members."""
@@ -855,7 +845,6 @@ class Cluster:
             return
         self._dirty.discard(vid)
         self._leaving.add(vid)
-        self._notify()
 
     # -- what the fetch scheduler asks ---------------------------------------------------------
     def holders(self, vid: str, f: int) -> list[str]:
@@ -985,14 +974,6 @@ class Cluster:
     def address(self, node: str) -> str | None:
         info = self.nodes.get(node) or self._lingering.get(node)
         return info.address if info else None
-
-    async def wait_change(self, timeout: float) -> bool:
-        """Wait for any directory change; False on timeout."""
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     def copies(self, vid: str) -> list[int]:
         """How many live nodes (us included) hold each file of the version whole."""
