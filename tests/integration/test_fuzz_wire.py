@@ -554,8 +554,8 @@ def test_api_nul_byte_in_a_path_gets_a_typed_error(api: ApiTarget) -> None:
 SECRET = b"k" * 32
 CHUNK = 64 * 1024
 DATA = os.urandom(4 * CHUNK + 1000)
-HELD = (0, 1, 2, 3)  # chunk 4 (the short tail) is never held: requests for it wait
-CAP = 0.3  # MAX_WAIT while fuzzing, so a hostile wait costs this, not 30 s
+HELD = (0, 1, 2, 3)  # chunk 4 (the short tail) is never held
+CAP = 0.3  # MAX_WAIT while fuzzing, so a hostile watch costs this, not 30 s
 
 
 def chunk(i: int) -> bytes:
@@ -573,6 +573,10 @@ class PeerTarget:
     @property
     def address(self) -> str:
         return self.server.address
+
+    def watching(self) -> int:
+        """Server threads waiting in a watch now."""
+        return len(self.table._landed._waiters)  # type: ignore[attr-defined]
 
     def connect(self) -> socket.socket:
         host, port = fz_split(self.address)
@@ -601,8 +605,8 @@ class PeerTarget:
             if own:
                 c.close()
         assert not self.errors, self.errors
-        if settle:  # no waiter left behind once the requests are answered
-            fz.settles("the table's waiters", lambda: dict(self.table._waiting), lambda d: not d)
+        if settle:  # no watch left waiting once the requests are answered
+            fz.settles("the table's watches", self.watching, lambda n: not n)
         if self.threads and settle:
             fz.settles("our threads", threading.active_count, lambda n: n <= self.threads + 1)
             fz.settles("our fds", fz.fd_count, lambda n: n <= self.fds + FD_SLACK)
@@ -660,12 +664,24 @@ def peer_messages() -> st.SearchStrategy[msgspec.Struct]:
             model=st.one_of(st.just("m"), texts),
             path=st.one_of(st.just("f.bin"), texts),
             index=st.one_of(st.sampled_from(list(range(6))), fz.ANY_INT),
-            wait=st.one_of(st.just(0.0), fz.FLOATS),
         ),
         st.builds(
             w.HaveRequest,
             model=st.one_of(st.just("m"), texts),
             path=st.one_of(st.just("f.bin"), texts),
+        ),
+        st.builds(
+            w.WatchRequest,
+            model=st.one_of(st.just("m"), texts),
+            epoch=fz.ANY_INT,
+            since=fz.ANY_INT,
+            wait=st.one_of(st.just(0.0), fz.FLOATS),
+        ),
+        st.builds(
+            w.Landed,
+            epoch=fz.ANY_INT,
+            next=fz.ANY_INT,
+            chunks=st.dictionaries(texts, st.lists(fz.ANY_INT, max_size=8), max_size=4),
         ),
         st.builds(w.PeerHello, version=fz.ANY_INT, node=texts, nonce=blobs, encrypt=st.booleans()),
         st.builds(w.PeerChallenge, node=texts, nonce=blobs, proof=blobs),
@@ -739,7 +755,7 @@ class _PeerOp:
     """One thing a client sends after the handshake, and whether it is a proper request."""
 
     wire: bytes  # what goes on the socket
-    request: w.ChunkRequest | w.HaveRequest | None  # None: the server must drop us
+    request: w.ChunkRequest | w.HaveRequest | w.WatchRequest | None  # None: must drop us
     then_shut: bool = False  # shut our side after it (a frame cut short)
 
 
@@ -756,9 +772,16 @@ class _PeerSession:
         n = self.sent if number is None else number
         return fz.raw_seal(self.channel.key, direction, n, body)
 
-    def answer(self, req: w.ChunkRequest | w.HaveRequest, started: float) -> None:
+    def answer(self, req: w.ChunkRequest | w.HaveRequest | w.WatchRequest, started: float) -> None:
         """Read and check the server's answer to a proper request."""
         bodies, _ = fz.read_frames(self.sock, time.monotonic() + 10, w.MAX_PEER_FRAME, count=1)
+        if isinstance(req, w.WatchRequest):  # nothing was read from an origin here: empty
+            assert bodies, "no answer to a WatchRequest"
+            reply = self.channel.open(bodies[0])
+            assert isinstance(reply, w.Landed) and reply.chunks == {}, reply
+            took = time.monotonic() - started
+            assert took < CAP + 2.0, f"wait={req.wait} held the watch {took:.1f}s (cap {CAP}s)"
+            return
         if isinstance(req, w.HaveRequest):
             assert bodies, "no answer to a HaveRequest"
             reply = self.channel.open(bodies[0])
@@ -777,7 +800,7 @@ class _PeerSession:
         if not held:
             assert isinstance(reply, w.PeerFailure) and "not held" in reply.message, reply
             took = time.monotonic() - started
-            assert took < CAP + 2.0, f"wait={req.wait} held the request {took:.1f}s (cap {CAP}s)"
+            assert took < 2.0, f"'not held' took {took:.1f}s"
             return
         i = req.index
         assert reply == w.ChunkHeader(i * CHUNK, CHUNK, crc32(chunk(i)), chunk_digest(chunk(i))), (
@@ -810,7 +833,8 @@ class PeerOpSpec:
                 msg = w.decode_peer(body)
             except MowsError:
                 msg = None
-            ok = isinstance(msg, w.ChunkRequest | w.HaveRequest) and len(sealed) <= w.MAX_PEER_FRAME
+            proper = w.ChunkRequest | w.HaveRequest | w.WatchRequest
+            ok = isinstance(msg, proper) and len(sealed) <= w.MAX_PEER_FRAME
             return _PeerOp(fz.frame(sealed), msg if ok else None)  # type: ignore[arg-type]
         if kind == "flip":  # one bit of the body or tag
             sealed = bytearray(s.seal(body))
@@ -839,10 +863,16 @@ GOOD_PEER_REQUESTS = st.one_of(
         model=st.just("m"),
         path=st.just("f.bin"),
         index=st.sampled_from(range(6)),
-        wait=st.one_of(st.just(0.0), fz.FLOATS),
     ),
     st.builds(
         w.HaveRequest, model=st.sampled_from(["m", "x"]), path=st.sampled_from(["f.bin", "g"])
+    ),
+    st.builds(
+        w.WatchRequest,
+        model=st.sampled_from(["m", "x"]),
+        epoch=st.one_of(st.just(0), fz.ANY_INT),
+        since=st.one_of(st.just(0), fz.ANY_INT),
+        wait=st.one_of(st.just(0.0), fz.FLOATS),
     ),
 )
 _SINGLE_PEER_OPS = st.one_of(
@@ -873,11 +903,11 @@ def test_peer_after_the_handshake(
     peer: PeerTarget, encrypt: bool, batches: list[list[PeerOpSpec]]
 ) -> None:
     """A proper handshake (encrypted or not), then frames: proper requests with huge or
-    negative indexes, absurd waits (NaN, inf, 1e300, negative: held at most MAX_WAIT) and
-    unknown models; messages of the wrong kind or direction; bodies that are not messages;
-    tags flipped, cut, missing; replayed and reordered frames; oversized and truncated
-    frames. Proper requests get their answer (chunk bytes compared); anything else drops
-    that connection at once and nothing more is sent on it."""
+    negative indexes, watches with absurd positions and waits (NaN, inf, 1e300, negative:
+    held at most MAX_WAIT) and unknown models; messages of the wrong kind or direction;
+    bodies that are not messages; tags flipped, cut, missing; replayed and reordered
+    frames; oversized and truncated frames. Proper requests get their answer (chunk bytes
+    compared); anything else drops that connection at once and nothing more is sent on it."""
     s = peer.connect()
     try:
         sess = _PeerSession(peer, s, peer_handshake(peer, s, encrypt))
@@ -903,17 +933,17 @@ def test_peer_after_the_handshake(
     peer.check()
 
 
-WAIT_CAP = 1.0  # MAX_WAIT in the test of waits: room to see a waiter before it expires
+WAIT_CAP = 1.0  # MAX_WAIT in the test of watches: room to see one waiting before it ends
 
 
 @fuzz(24)
-@given(wait=fz.FLOATS, lands=st.booleans())
-def test_peer_waits_are_bounded(
-    peer: PeerTarget, monkeypatch: pytest.MonkeyPatch, wait: float, lands: bool
+@given(wait=fz.FLOATS, lands=st.booleans(), since=st.one_of(st.just(0), fz.ANY_INT))
+def test_peer_watches_are_bounded(
+    peer: PeerTarget, monkeypatch: pytest.MonkeyPatch, wait: float, lands: bool, since: int
 ) -> None:
-    """A request for a chunk not held yet waits at most MAX_WAIT whatever ``wait`` says
-    (NaN, inf, 1e300, negative), is answered with the chunk when it lands meanwhile, and
-    leaves no waiter behind."""
+    """A watch waits at most MAX_WAIT whatever ``wait`` says (NaN, inf, 1e300, negative),
+    is answered with the chunk read from the origin meanwhile (whatever position it gave:
+    a foreign epoch reads from 0), and leaves no waiter behind."""
     monkeypatch.setattr(_chunks, "MAX_WAIT", WAIT_CAP)
     with tempfile.TemporaryFile() as fh:
         fh.write(DATA)
@@ -922,24 +952,23 @@ def test_peer_waits_are_bounded(
         s = peer.connect()
         try:
             sess = _PeerSession(peer, s, peer_handshake(peer, s))
-            s.sendall(fz.frame(sess.seal(fz.encode_doc(w.ChunkRequest("m", "late.bin", 0, wait)))))
+            s.sendall(fz.frame(sess.seal(fz.encode_doc(w.WatchRequest("m", 123, since, wait)))))
             started = time.monotonic()
             waits = wait > 0  # NaN and negatives: no wait
             lands = lands and wait >= WAIT_CAP / 2  # long enough to be seen waiting
             if lands:  # land it once the server is seen waiting for it
-                fz.settles(
-                    "the waiter", lambda: peer.table._waiting.get(("m", "late.bin")), bool, WAIT_CAP
-                )
-                peer.table.add_chunk("m", "late.bin", 0, 0, CHUNK, crc32(chunk(0)))
+                fz.settles("the watch", peer.watching, bool, WAIT_CAP)
+                crc = crc32(chunk(0))
+                peer.table.add_chunk("m", "late.bin", 0, 0, CHUNK, crc, first_copy=True)
             bodies, _ = fz.read_frames(s, time.monotonic() + 10, w.MAX_PEER_FRAME, count=1)
             took = time.monotonic() - started
             assert bodies, "no answer"
             reply = sess.channel.open(bodies[0])
+            assert isinstance(reply, w.Landed), reply
             if lands:
-                assert isinstance(reply, w.ChunkHeader), reply
-                assert fz.read_exact(s, CHUNK, time.monotonic() + 10) == chunk(0)
+                assert reply.chunks == {"late.bin": [0]} and reply.next == 1, reply
             else:
-                assert isinstance(reply, w.PeerFailure), reply
+                assert reply.chunks == {}, reply
                 assert took < WAIT_CAP + 2.0, f"wait={wait} held {took:.2f}s (cap {WAIT_CAP}s)"
                 if waits:
                     assert took >= min(wait, WAIT_CAP) - 0.05, (
@@ -953,7 +982,7 @@ def test_peer_waits_are_bounded(
 
 def test_peer_many_connections_at_once(peer: PeerTarget) -> None:
     """Forty connections at once in every state (silent, half a hello, authenticated and
-    idle, authenticated with a waiting request) while eight threads fuzz more: the server
+    idle, authenticated with a waiting watch) while eight threads fuzz more: the server
     still serves a real client meanwhile, and every thread it started ends with its
     connection."""
     held: list[socket.socket] = []
@@ -968,9 +997,7 @@ def test_peer_many_connections_at_once(peer: PeerTarget) -> None:
             elif kind >= 2:
                 sess = _PeerSession(peer, s, peer_handshake(peer, s))
                 if kind == 3:
-                    s.sendall(
-                        fz.frame(sess.seal(fz.encode_doc(w.ChunkRequest("m", "f.bin", 4, 1e300))))
-                    )
+                    s.sendall(fz.frame(sess.seal(fz.encode_doc(w.WatchRequest("m", 0, 0, 1e300)))))
 
         def noise(seed: int) -> None:
             try:
@@ -1131,6 +1158,9 @@ class EvilServer:
                 if isinstance(req, w.HaveRequest):
                     send(w.Have(b"\x0f"))
                     continue
+                if isinstance(req, w.WatchRequest):
+                    send(w.Landed(1, 1, {"f.bin": [0]}))
+                    continue
                 assert isinstance(req, w.ChunkRequest)
                 i = req.index
                 real = chunk(i)
@@ -1164,7 +1194,8 @@ class EvilServer:
                     return self._linger(conn)
             elif kind == "have":
                 n = action[1]
-                body = fz.raw_seal(key, b"s", sent, fz.encode_doc(w.Have(b"\xa5" * n)))
+                huge = w.Have(b"\xa5" * n) if n % 2 else w.Landed(1, n, {"f.bin": [7] * (n // 2)})
+                body = fz.raw_seal(key, b"s", sent, fz.encode_doc(huge))
                 conn.sendall(fz.frame(body))  # possibly past the frame limit: sent raw
                 sent += 1
             elif kind == "flood":
@@ -1231,14 +1262,17 @@ OP_BOUND = 15.0  # seconds one client call may take against any server
         + ["after:untagged_ok", "after:failure", "after:garbage", "after:silence"]
     ),
     replies=st.lists(evil_replies(), max_size=4),
-    calls=st.lists(st.one_of(st.integers(0, 3), st.just("have")), min_size=1, max_size=4),
+    calls=st.lists(
+        st.one_of(st.integers(0, 3), st.sampled_from(["have", "watch"])), min_size=1, max_size=4
+    ),
 )
 def test_client_against_a_malicious_server(
     peer: PeerTarget, handshake: str, replies: list[tuple[Any, ...]], calls: list[Any]
 ) -> None:
     """A real TcpPeerClient against a server that knows the secret and lies: wrong or
     absurd ChunkHeader lengths, offsets, CRCs and digests, bytes short, long, flipped or of
-    another chunk, Have with a megabyte of bits (and past the frame limit), PeerFailure
+    another chunk, Have with a megabyte of bits and Landed with half a million chunks (and
+    past the frame limit), PeerFailure
     floods (stale answers to the next requests), frames replayed, reflected, untagged,
     skipped ahead, oversized, garbage, silence, and cheats in the handshake. Every call
     ends in bounded time with a result or a PeerError; a fetch that returns holds exactly
@@ -1256,6 +1290,8 @@ def test_client_against_a_malicious_server(
                 try:
                     if call == "have":
                         outcome.append(client.have(evil.address, "m", "f.bin", "evil"))
+                    elif call == "watch":
+                        outcome.append(client.watch(evil.address, "m", 0, 0, 0.5, "evil"))
                     else:
                         dest = bytearray(CHUNK)
                         client.fetch(
@@ -1282,6 +1318,8 @@ def test_client_against_a_malicious_server(
                 assert not honest, result
             elif call == "have":
                 assert isinstance(result, bytes) and len(result) <= w.MAX_PEER_FRAME
+            elif call == "watch":
+                assert isinstance(result, w.Landed), result
             else:
                 assert result == chunk(call), f"a fetch returned bytes that are not chunk {call}"
             assert time.monotonic() - started < OP_BOUND

@@ -18,6 +18,7 @@ import pytest
 from mows import PeerError, crc32
 from mows._digest import chunk_digest
 from mows.transport import ServedChunk, TcpPeerClient, TcpPeerServer
+from mows.transport._wire import Landed
 
 SECRET = b"s" * 32
 DATA = os.urandom(3 * 2**20 + 123)
@@ -33,9 +34,7 @@ class FileStore:
     wrong_digest: set[int] = field(default_factory=set)
     sent: int = 0
 
-    def open_chunk(
-        self, model: str, path: str, index: int, wait: float = 0.0
-    ) -> ServedChunk | None:
+    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
         if model != "m" or path != "f.bin" or index * CHUNK >= len(DATA):
             return None
         off = index * CHUNK
@@ -46,6 +45,9 @@ class FileStore:
 
     def have(self, model: str, path: str) -> bytes:
         return b"\x0f" if (model, path) == ("m", "f.bin") else b""
+
+    def watch(self, model: str, epoch: int, since: int, wait: float) -> Landed:
+        return Landed(7, 1, {"f.bin": [0]})
 
     def served(self, peer: str, nbytes: int) -> None:
         self.sent += nbytes
@@ -108,10 +110,12 @@ def test_missing_chunk_is_a_peer_error(pair: tuple[Any, Any, FileStore]) -> None
     assert bytes(buf) == DATA[:CHUNK]
 
 
-def test_a_request_waits_for_its_chunk_to_land(kind: str) -> None:
-    """A loading owner holds a request for a chunk it lacks until the chunk lands (answered
-    at once, by that chunk's arrival), or says "not held" at the end of the wait; ``Have``
-    lists what it holds. The daemon's real ChunkTable behind a real server."""
+def test_a_watch_reports_first_copies_as_they_land(kind: str) -> None:
+    """A loading owner answers a watch as soon as it reads a chunk from the origin (not at
+    the end of the wait), with every such chunk past the watcher's position; chunks it got
+    from peers are not reported; an empty answer comes at the end of the wait; a file that
+    goes starts a new epoch (read again from 0). ``Have`` lists what it holds. The daemon's
+    real ChunkTable behind a real server."""
     from mows.daemon._chunks import ChunkTable
 
     table = ChunkTable()
@@ -119,33 +123,48 @@ def test_a_request_waits_for_its_chunk_to_land(kind: str) -> None:
         fh.write(DATA)
         fh.flush()
         table.add_file("m", "f.bin", fh.fileno())
+        table.add_file("m", "g.bin", fh.fileno())
         server_cls = TcpPeerServer if kind == "tcp" else ucx_classes()[0]
         server = server_cls("127.0.0.1:0", table, node="server", secret=SECRET)
         client = make_client(kind, SECRET)
+
+        def lands(index: int, first_copy: bool = True, path: str = "f.bin") -> None:
+            off = index * CHUNK
+            crc = crc32(DATA[off : off + CHUNK])
+            table.add_chunk("m", path, index, off, CHUNK, crc, first_copy=first_copy)
+
         try:
-            assert client.have(server.address, "m", "f.bin", "server") == b""
-            lands = threading.Timer(
-                0.5, table.add_chunk, ("m", "f.bin", 1, CHUNK, CHUNK, crc32(DATA[CHUNK:][:CHUNK]))
-            )
-            lands.start()
-            buf = bytearray(CHUNK)
+            address = server.address
+            assert client.have(address, "m", "f.bin", "server") == b""
+            threading.Timer(0.5, lands, (1,)).start()
             started = time.monotonic()
-            got = client.fetch(server.address, "m", "f.bin", 1, memoryview(buf), None, wait=5)
+            got = client.watch(address, "m", 0, 0, 5, "server")
             took = time.monotonic() - started
-            assert bytes(buf) == DATA[CHUNK : 2 * CHUNK] and got.crc == crc32(buf)
+            assert got.chunks == {"f.bin": [1]} and got.next == 1
             assert 0.4 < took < 3, took  # answered when it landed, not at the end of the wait
-            assert client.have(server.address, "m", "f.bin", "server") == b"\x02"
+            buf = bytearray(CHUNK)
+            client.fetch(address, "m", "f.bin", 1, memoryview(buf), None, "server")
+            assert bytes(buf) == DATA[CHUNK : 2 * CHUNK]
+            assert client.have(address, "m", "f.bin", "server") == b"\x02"
+            # From a peer: served, not reported; nothing new: empty at the end of the wait.
+            lands(2, first_copy=False)
             started = time.monotonic()
-            with pytest.raises(PeerError, match="not held") as e:
-                client.fetch(server.address, "m", "f.bin", 2, memoryview(buf), None, wait=0.3)
-            assert e.value.missing and not e.value.corrupt
+            empty = client.watch(address, "m", got.epoch, got.next, 0.3, "server")
+            assert empty.chunks == {} and (empty.epoch, empty.next) == (got.epoch, 1)
             assert 0.25 < time.monotonic() - started < 3
-            # A file that goes (a failed fill) answers its waiters at once.
-            threading.Timer(0.3, table.remove_file, ("m", "f.bin")).start()
-            started = time.monotonic()
-            with pytest.raises(PeerError, match="not held"):
-                client.fetch(server.address, "m", "f.bin", 3, memoryview(buf), None, wait=5)
-            assert time.monotonic() - started < 3
+            assert client.have(address, "m", "f.bin", "server") == b"\x06"
+            lands(0, path="g.bin")
+            lands(3)
+            both = client.watch(address, "m", got.epoch, got.next, 5, "server")
+            assert both.chunks == {"g.bin": [0], "f.bin": [3]} and both.next == 3
+            # A file that goes: a new epoch; a watcher at the old one reads the rest again.
+            table.remove_file("m", "f.bin")
+            again = client.watch(address, "m", both.epoch, both.next, 5, "server")
+            assert again.epoch != both.epoch and again.chunks == {"g.bin": [0]}
+            assert again.next == 1
+            # An unknown model: an empty answer after the wait, never an error.
+            none = client.watch(address, "other", 0, 0, 0.1, "server")
+            assert none.chunks == {}
         finally:
             client.close()
             server.close()
@@ -373,3 +392,23 @@ def test_ucx_port_is_bounded() -> None:
                 client.close()
         finally:
             server.close()
+
+
+def test_connection_cap_follows_the_descriptor_limit() -> None:
+    """The peer port's cap: raised RLIMIT_NOFILE when the hard limit allows it, else capped
+    to what the limit leaves room for (with a warning), never more descriptors than there
+    are. In a child process: the limits are per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource as r; from mows.transport._tcp import connection_cap as c; "
+        "r.setrlimit(r.RLIMIT_NOFILE, (1024, 20000)); a = c(8192); "
+        "b = r.getrlimit(r.RLIMIT_NOFILE)[0]; "
+        "r.setrlimit(r.RLIMIT_NOFILE, (2048, 2048)); print(a, b, c(8192), c(100))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["8192", str(2 * 8192 + 1024), "512", "100"], out
+    assert "capped at 512 by RLIMIT_NOFILE 2048" in out.stderr

@@ -128,7 +128,7 @@ MAX_WEIGHT_RATIO = 4
 _ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
 _LOGGED_KEYS = 1024  # rejects are logged once per key, for at most this many keys
 INFO_CHECK = 1.0  # seconds between looks at our NodeInfo
-INFO_REFRESH = 10.0  # status-only fields are rewritten at most this often while changing
+INFO_REFRESH = 60.0  # status-only fields are rewritten at most this often while changing
 RETRY_BASE, RETRY_MAX = 0.5, 5.0  # reconnect backoff (full jitter), seconds
 # Raw holdings of versions not joined, as the watch delivered them, so that a join (even while
 # etcd is out) knows the holders at once; bounded: past it, a join reads etcd as before.

@@ -9,9 +9,12 @@ the reading worker). Others (adopted after a restart, filled before joining) get
 time a peer asks, from the pool's bytes, re-checked against the chunk's CRC in the same pass:
 a page that rotted in memory is withheld, not vouched for.
 
-A request may wait for a chunk not held yet (we own it and are loading it: peers ask us, not
-etcd, whether it has landed): each waiter has an event of its own, set when that chunk is
-added or its file goes, so one arrival wakes only the requests for it.
+Peers waiting for chunks we own and are still reading from the origin watch us (``watch``):
+each version has a log of the chunks this node read from the origin (its first copies),
+and a watch is answered with the entries past the watcher's position as soon as there are
+any. One watch per (peer, version) replaces a waiting request per chunk, so a peer's
+transfer threads only ever carry chunks that are here. A file that goes is cut from its
+version's log under a new epoch: watchers then read the log again from its start.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +30,14 @@ from dataclasses import dataclass, field
 
 from .._digest import crc_and_digest
 from ..transport import ServedChunk
+from ..transport._wire import Landed
 
 log = logging.getLogger("mows.daemon")
 
 __all__ = ["ChunkTable"]
 
-MAX_WAIT = 30.0  # seconds a peer's request may wait for a chunk to land
+MAX_WAIT = 30.0  # seconds a peer's watch may be held
+LANDED_BYTES = 256 << 10  # a watch answer's entries, about: well inside a peer frame
 
 
 @dataclass
@@ -40,6 +46,14 @@ class _Chunk:
     length: int
     crc: int
     digest: bytes | None  # None until a peer first asks (origin fills)
+
+
+@dataclass
+class _Log:
+    """A version's first copies here, in landing order; a new epoch when entries go."""
+
+    epoch: int = field(default_factory=lambda: random.getrandbits(62))
+    entries: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,8 +66,8 @@ class ChunkTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._files: dict[tuple[str, str], _Entry] = {}
-        # (model, path) -> chunk index -> the events of the requests waiting for it
-        self._waiting: dict[tuple[str, str], dict[int, list[threading.Event]]] = {}
+        self._logs: dict[str, _Log] = {}  # model -> its first copies here
+        self._landed = threading.Condition(self._lock)  # a log grew or changed epoch
         self.bytes_served = 0
         self.served_to: dict[str, int] = {}
         self.rotten = 0  # chunks withheld because their bytes no longer match their CRC
@@ -78,20 +92,30 @@ class ChunkTable:
         length: int,
         crc: int,
         digest: bytes | None = None,
+        *,
+        first_copy: bool = False,
     ) -> None:
+        """Serve a checked chunk; ``first_copy``: read from the origin here (watchers are
+        told of it)."""
         with self._lock:
             entry = self._files.get((model, path))
             if entry is not None:
                 entry.chunks[index] = _Chunk(offset, length, crc, digest)
-                for event in self._waiting.get((model, path), {}).pop(index, []):
-                    event.set()
+                if first_copy:
+                    self._logs.setdefault(model, _Log()).entries.append((path, index))
+                    self._landed.notify_all()
 
     def remove_file(self, model: str, path: str) -> None:
         with self._lock:
             entry = self._files.pop((model, path), None)
-            for events in self._waiting.pop((model, path), {}).values():
-                for event in events:
-                    event.set()  # gone: "not held" at once
+            log_ = self._logs.get(model)
+            if log_ is not None:
+                kept = [e for e in log_.entries if e[0] != path]
+                if not any(m == model for m, _ in self._files):
+                    del self._logs[model]  # nothing of the version left here
+                elif len(kept) < len(log_.entries):
+                    self._logs[model] = _Log(entries=kept)  # a new epoch: read it again
+                self._landed.notify_all()
         if entry is not None:
             os.close(entry.fd)
 
@@ -99,36 +123,13 @@ class ChunkTable:
         with self._lock:
             return (model, path) in self._files
 
-    def open_chunk(
-        self, model: str, path: str, index: int, wait: float = 0.0
-    ) -> ServedChunk | None:
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
-        while True:
-            with self._lock:
-                entry = self._files.get((model, path))
-                if entry is not None and index in entry.chunks:
-                    c = entry.chunks[index]
-                    fd = os.dup(entry.fd)
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or (entry is None and wait <= 0):
-                    return None
-                event = threading.Event()
-                waiters = self._waiting.setdefault((model, path), {}).setdefault(index, [])
-                waiters.append(event)
-            if not event.wait(left):
-                with self._lock:
-                    waiters = self._waiting.get((model, path), {}).get(index, [])
-                    if event in waiters:
-                        waiters.remove(event)
-                        if not waiters:
-                            self._waiting[(model, path)].pop(index, None)
-                        if not self._waiting[(model, path)]:
-                            del self._waiting[(model, path)]
+    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
+        with self._lock:
+            entry = self._files.get((model, path))
+            if entry is None or index not in entry.chunks:
                 return None
-            with self._lock:
-                if (model, path) not in self._files:
-                    return None  # the file went (a failed fill)
+            c = entry.chunks[index]
+            fd = os.dup(entry.fd)
         if c.digest is None:  # outside the lock: hashing a chunk takes milliseconds
             try:
                 c.digest = _digest_checked(fd, c)
@@ -147,6 +148,25 @@ class ChunkTable:
                     self.on_rotten(model, path)
                 return None
         return ServedChunk(fd, c.offset, c.length, c.crc, c.digest)
+
+    def watch(self, model: str, epoch: int, since: int, wait: float) -> Landed:
+        """The version's first copies past ``since`` (all of them if ``epoch`` is not the
+        log's), as soon as there are any, waiting at most ``wait`` (<= MAX_WAIT) seconds."""
+        wait = wait if 0.0 < wait <= MAX_WAIT else MAX_WAIT if wait > MAX_WAIT else 0.0  # NaN: 0
+        deadline = time.monotonic() + wait
+        with self._landed:
+            while True:
+                log_ = self._logs.get(model)
+                if log_ is not None:
+                    start = since if epoch == log_.epoch and since >= 0 else 0
+                    if start < len(log_.entries):
+                        return _answer(log_, start)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if log_ is None:
+                        return Landed(0, 0, {})
+                    return Landed(log_.epoch, min(max(since, 0), len(log_.entries)), {})
+                self._landed.wait(left)
 
     def have(self, model: str, path: str) -> bytes:
         with self._lock:
@@ -168,6 +188,23 @@ class ChunkTable:
             self._files.clear()
         for e in entries:
             os.close(e.fd)
+
+
+def _answer(log_: _Log, start: int) -> Landed:
+    """Entries from ``start``, grouped by path, about LANDED_BYTES at most."""
+    chunks: dict[str, list[int]] = {}
+    size, end = 0, start
+    for path, index in log_.entries[start : start + LANDED_BYTES // 9]:
+        if size > LANDED_BYTES:
+            break
+        got = chunks.get(path)
+        if got is None:
+            size += len(path) + 8
+            got = chunks[path] = []
+        got.append(index)
+        size += 9
+        end += 1
+    return Landed(log_.epoch, end, chunks)
 
 
 def _digest_checked(fd: int, c: _Chunk) -> bytes | None:

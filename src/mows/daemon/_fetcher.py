@@ -3,19 +3,27 @@ origin, with a circuit breaker per peer.
 
 Which peer holds a chunk is not in etcd (it records files, see mows.cluster): a node holding
 the file whole is asked first; else the chunk's owner, which on a cold cluster is fetching it
-from the origin and holds our request until it lands (its own arrival answers it: no polling,
-no directory traffic per chunk); else a node holding part of the file whose ``Have`` lists it.
+from the origin: the chunk waits for the owner to report it (below), then is fetched from it;
+else a node holding part of the file whose ``Have`` lists it; else the origin.
+
+Waiting for owners holds no transfer thread: this node keeps one long poll (``watch``) per
+(version, owner) it waits on, answered with every chunk the owner read from the origin, as
+each lands. So the transfer threads only carry chunks their holder has: with thousands of
+chunks waiting at hundreds of owners, a chunk that landed is never queued behind requests
+waiting for chunks that have not.
 
 A chunk goes straight into its pool file's mapping from a worker thread. Peer transfers have
 workers of their own: queued behind origin reads they would wait for the origin, and a cold
 cluster would lose its pipelining. A peer that fails, stalls or sends bad bytes opens its
 breaker: it is skipped by every fetch for a while (longer each time it fails again) instead of
-each chunk remembering whom it tried.
+each chunk remembering whom it tried. An owner whose connection failed while its record still
+stands is waited for a grace period (it died: its lease ends and a new owner takes its
+chunks), not replaced by the origin at once: on a cold 700 GB load, every node reading a dead
+owner's chunks from the origin would be a stampede.
 
 While etcd is out (the cluster ``degraded``), peers are still tried, and owners waited for,
-from the last view (a request waiting at an owner needs no etcd), and origin reads of all loads
-on this node are capped at half the workers: chunks whose peers fail must not stampede the
-origin.
+from the last view (a watch needs no etcd), and origin reads of all loads on this node are
+capped at half the workers: chunks whose peers fail must not stampede the origin.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ T = TypeVar("T")
 BREAKER_BASE = 1.0  # seconds a failed peer is skipped, doubled per failure in a row
 BREAKER_MAX = 30.0
 QUARANTINE = 300.0  # seconds a peer that sent bytes failing their checks is skipped
-WAIT_MAX = 10.0  # seconds one request may wait at a loading owner for its chunk to land
+WAIT_MAX = 10.0  # seconds a watch is held at an owner, and a waiting chunk looks again
+OWNER_GRACE = 10.0  # seconds, at least 2 x lease_ttl: a failed owner is waited for
+WATCH_THREADS = 1024  # long polls at once (one per owner waited on: every node, at scale)
 HAVE_TTL = 2.0  # seconds a peer's Have answer is reused
 HAVE_ASKS = 64  # partial holders asked for their Have per chunk, at most
 HAVE_CACHE = 4096  # Have answers kept
@@ -92,6 +102,15 @@ class FillTarget:
 
 
 @dataclass
+class _Wait:
+    """A chunk waiting for ``node`` (its owner) to report it: ``woken`` when it does, or
+    when the watch ends."""
+
+    node: str
+    woken: asyncio.Future[None]
+
+
+@dataclass
 class _Breaker:
     failures: int = 0
     open_until: float = 0.0
@@ -110,7 +129,6 @@ class ChunkFetcher:
         self.metrics = metrics
         self.peering = peering
         self._origin = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
-        # Requests may wait at an owner for their chunk: threads for them beside transfers.
         self._peers = ThreadPoolExecutor(
             4 * config.peer_connections, thread_name_prefix="mows-peer"
         )
@@ -118,6 +136,14 @@ class ChunkFetcher:
         self._breakers: dict[str, _Breaker] = {}
         self._haves: dict[tuple[str, str, str], tuple[float, bytes]] = {}  # (node, vid, path)
         self._degraded_origin = asyncio.Semaphore(max(1, config.workers // 2))
+        self._grace = max(OWNER_GRACE, 2 * config.lease_ttl)
+        # Waiting for owners: (vid, path, index) -> its wait; (vid, node) -> the chunks
+        # waiting on it and the watch that reports them; chunk -> who reported it.
+        self._waits: dict[tuple[str, str, int], _Wait] = {}
+        self._watched: dict[tuple[str, str], set[tuple[str, str, int]]] = {}
+        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._reported: dict[tuple[str, str, int], str] = {}
+        self._watch_threads = ThreadPoolExecutor(WATCH_THREADS, thread_name_prefix="mows-watch")
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -125,8 +151,11 @@ class ChunkFetcher:
         return self._origin
 
     def close(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
         self._origin.shutdown(wait=True, cancel_futures=True)
         self._peers.shutdown(wait=True, cancel_futures=True)
+        self._watch_threads.shutdown(wait=False, cancel_futures=True)  # held at most WAIT_MAX
 
     def breakers(self) -> dict[str, float]:
         """Peers skipped now -> seconds until they are tried again."""
@@ -151,7 +180,7 @@ class ChunkFetcher:
         else:
             crc, digest = got.crc, got.digest
         if self.peering is not None:
-            self.peering.held(target.version, chunk, crc, digest)
+            self.peering.held(target.version, chunk, crc, digest, first_copy=got is None)
         return crc
 
     def _origin_slot(self) -> contextlib.AbstractAsyncContextManager[object]:
@@ -162,65 +191,151 @@ class ChunkFetcher:
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
     ) -> Received | None:
         """The chunk from a peer, or None: the origin's turn. Asked, in order: a node holding
-        the file whole; the chunk's owner (waiting, while it loads, for the chunk to land
-        there); a node holding the file in part whose ``Have`` lists the chunk."""
+        the file whole; a node that reported reading it from the origin; the chunk's owner
+        (waited for, while it loads, until it reports the chunk); a node holding the file
+        in part whose ``Have`` lists the chunk."""
         peering = self.peering
         if peering is None:
             return None
         cluster = peering.cluster
         v = target.version
         vid, f = v.id, v.file_index(chunk.path)
+        key = (vid, chunk.path, chunk.index)
         index = v.chunk_range(chunk.path)[chunk.index]
         want = cluster.chunk_crc(vid, f, chunk.index)  # None: the file's CRC checks it
-        asked: set[str] = set()  # asked without a wait: not asked again for this chunk
-        while cluster.view_usable:
-            now = time.monotonic()
-            holders = [
-                n for n in cluster.holders(vid, f) if n not in asked and self._closed(n, now)
-            ]
-            if holders:
-                node = min(holders, key=lambda n: (self._inflight.get(n, 0), random.random()))
-                asked.add(node)  # asked once: a record saying more than the node holds
-                got = await self._from_peer(target, chunk, node, want)
+        asked: set[str] = set()  # asked already: not asked again for this chunk
+        failed_owner_since: float | None = None
+        try:
+            while cluster.view_usable:
+                now = time.monotonic()
+                holders = [
+                    n for n in cluster.holders(vid, f) if n not in asked and self._closed(n, now)
+                ]
+                reported = self._reported.get(key)
+                if not holders and reported is not None and reported not in asked:
+                    holders = [reported] if self._closed(reported, now) else []
+                if holders:
+                    node = min(holders, key=lambda n: (self._inflight.get(n, 0), random.random()))
+                    asked.add(node)  # asked once: a record saying more than the node holds
+                    got = await self._from_peer(target, chunk, node, want)
+                    if got is not None:
+                        return got
+                    continue
+                if await cluster.owners_ready(vid):
+                    continue  # waited for the owner table: look at the holders again
+                owner = cluster.chunk_owner(vid, index)
+                state = cluster.state(vid, owner, f)
+                if owner != cluster.node_id and owner not in asked:
+                    if state.loading and wait_for_owner:
+                        # No deadline while the owner answers and its record says it fills
+                        # the file: on a model 100x the origin link's second, a chunk may
+                        # reach its owner minutes after the load starts, and a deadline
+                        # would send every waiter to the origin then.
+                        if self._closed(owner, now):
+                            failed_owner_since = None
+                            await self._await_report(vid, owner, key)
+                            continue
+                        failed_owner_since = failed_owner_since or now
+                        if now - failed_owner_since < self._grace:
+                            await asyncio.sleep(1.0)  # its lease ends, or its breaker closes
+                            continue
+                    elif (state.loading or state.partial) and self._closed(owner, now):
+                        asked.add(owner)
+                        got = await self._from_peer(target, chunk, owner, want)
+                        if got is not None:
+                            return got
+                        continue
+                chunks = len(v.chunks(chunk.path))
+                part = await self._partial_holder(vid, f, chunk, chunks, asked)
+                if part is None:
+                    log.debug(
+                        "%s chunk %d from the origin: owner %s %s, asked %s",
+                        chunk.path,
+                        chunk.index,
+                        owner,
+                        state,
+                        sorted(asked),
+                    )
+                    return None
+                asked.add(part)
+                got = await self._from_peer(target, chunk, part, want)
                 if got is not None:
                     return got
-                continue
-            if await cluster.owners_ready(vid):
-                continue  # waited for the owner table: look at the holders again
-            owner = cluster.chunk_owner(vid, index)
-            state = cluster.state(vid, owner, f)
-            if owner != cluster.node_id and owner not in asked and self._closed(owner, now):
-                # The request waits at the owner until the chunk lands there, asked again
-                # every WAIT_MAX for as long as the owner answers and its record says it
-                # fills the file: on a model 100x the origin link's second, a chunk may
-                # reach its owner minutes after the load starts, and a fixed deadline would
-                # send every waiter to the origin then. An owner that dies fails the
-                # connection (its breaker opens) or loses its lease; one whose fill fails
-                # says so in its record. The wait is over the peer connection: an etcd
-                # failover does not stop it.
-                if state.loading and wait_for_owner:
-                    started = time.monotonic()
-                    got = await self._from_peer(target, chunk, owner, want, WAIT_MAX)
-                    if got is not None:
-                        return got
-                    if time.monotonic() - started < WAIT_MAX / 2:
-                        await asyncio.sleep(0.1)  # answered early (its fill ended): no spin
-                    continue
-                if state.loading or state.partial:
-                    asked.add(owner)
-                    got = await self._from_peer(target, chunk, owner, want)
-                    if got is not None:
-                        return got
-                    continue
-            chunks = len(v.chunks(chunk.path))
-            part = await self._partial_holder(vid, f, chunk, chunks, asked)
-            if part is None:
-                return None
-            asked.add(part)
-            got = await self._from_peer(target, chunk, part, want)
-            if got is not None:
-                return got
-        return None
+            return None
+        finally:
+            self._reported.pop(key, None)
+            w = self._waits.pop(key, None)
+            if w is not None:
+                self._unwatch(vid, w.node, key)
+
+    async def _await_report(self, vid: str, node: str, key: tuple[str, str, int]) -> None:
+        """Wait (at most WAIT_MAX) for ``node``'s watch to report the chunk ``key``."""
+        w = self._waits.get(key)
+        if w is not None and w.node != node:  # its owner changed
+            self._unwatch(vid, w.node, key)
+            w = None
+        if w is None:
+            w = self._waits[key] = _Wait(node, asyncio.get_running_loop().create_future())
+            self._watched.setdefault((vid, node), set()).add(key)
+            task = self._watches.get((vid, node))
+            if task is None or task.done():
+                task = asyncio.ensure_future(self._watch(vid, node))
+                self._watches[(vid, node)] = task
+        elif w.woken.done():
+            w.woken = asyncio.get_running_loop().create_future()
+        await asyncio.wait([w.woken], timeout=WAIT_MAX)
+
+    def _unwatch(self, vid: str, node: str, key: tuple[str, str, int]) -> None:
+        keys = self._watched.get((vid, node))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._watched[(vid, node)]  # its watch ends after its current poll
+
+    async def _watch(self, vid: str, node: str) -> None:
+        """Long-poll ``node`` for the chunks of ``vid`` it reads from the origin, while
+        chunks here wait on it; each report wakes the chunk's waiter. A failed watch opens
+        the node's breaker and wakes every chunk waiting on it."""
+        assert self.peering is not None
+        peering = self.peering
+        epoch = since = 0
+        run = asyncio.get_running_loop().run_in_executor
+        try:
+            while self._watched.get((vid, node)):
+                address = peering.cluster.address(node)
+                if address is None:
+                    return
+                try:
+                    landed = await run(
+                        self._watch_threads,
+                        peering.client.watch,
+                        address,
+                        vid,
+                        epoch,
+                        since,
+                        WAIT_MAX,
+                        node,
+                    )
+                except PeerError as e:
+                    log.warning("%s; chunks waiting on %s look elsewhere", e, node)
+                    self._trip(node)
+                    self.counters.peer_failures += 1
+                    return
+                epoch, since = landed.epoch, landed.next
+                for path, indices in landed.chunks.items():
+                    for i in indices:
+                        w = self._waits.get((vid, path, i))
+                        if w is not None:
+                            self._reported[(vid, path, i)] = node
+                            if not w.woken.done():
+                                w.woken.set_result(None)
+        finally:
+            if self._watches.get((vid, node)) is asyncio.current_task():
+                del self._watches[(vid, node)]
+            for key in self._watched.get((vid, node), ()):
+                w = self._waits.get(key)
+                if w is not None and not w.woken.done():
+                    w.woken.set_result(None)  # look again: the breaker, the records
 
     async def _partial_holder(
         self, vid: str, f: int, chunk: Chunk, chunks: int, asked: set[str]
@@ -259,7 +374,7 @@ class ChunkFetcher:
         return None
 
     async def _from_peer(
-        self, target: FillTarget, chunk: Chunk, node: str, want: int | None, wait: float = 0.0
+        self, target: FillTarget, chunk: Chunk, node: str, want: int | None
     ) -> Received | None:
         assert self.peering is not None
         address = self.peering.cluster.address(node)
@@ -279,7 +394,6 @@ class ChunkFetcher:
                 target,
                 chunk,
                 want,
-                wait,
             )
         except PeerError as e:
             if e.missing:  # it does not hold the chunk (yet): no fault of the peer's
@@ -343,7 +457,6 @@ def _fetch_from_peer(
     target: FillTarget,
     chunk: Chunk,
     crc: int | None,
-    wait: float,
 ) -> Received:
     view = target.fill.chunk_view(chunk)
 
@@ -352,7 +465,7 @@ def _fetch_from_peer(
 
     try:
         return peering.client.fetch(
-            address, target.version.id, chunk.path, chunk.index, view, crc, node, wait, sink
+            address, target.version.id, chunk.path, chunk.index, view, crc, node, sink
         )
     finally:
         view.release()

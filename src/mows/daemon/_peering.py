@@ -120,13 +120,28 @@ class Peering:
                 if c.index in f.chunk_crcs:
                     self.held(v, c, f.chunk_crcs[c.index])
 
-    def held(self, version: Version, chunk: Chunk, crc: int, digest: bytes | None = None) -> None:
-        """A chunk arrived and passed its checks: peers may fetch it now (pipelining: the
-        requests waiting for it are answered). ``digest``: its BLAKE3 when a peer's transfer
-        proved it (else computed on demand)."""
+    def held(
+        self,
+        version: Version,
+        chunk: Chunk,
+        crc: int,
+        digest: bytes | None = None,
+        *,
+        first_copy: bool = False,
+    ) -> None:
+        """A chunk arrived and passed its checks: peers may fetch it now (pipelining; peers
+        watching us are told of it if it is a ``first_copy``, read from the origin here).
+        ``digest``: its BLAKE3 when a peer's transfer proved it (else computed on demand)."""
         self._join(version)
         self.chunks.add_chunk(
-            version.id, chunk.path, chunk.index, chunk.offset, chunk.length, crc, digest
+            version.id,
+            chunk.path,
+            chunk.index,
+            chunk.offset,
+            chunk.length,
+            crc,
+            digest,
+            first_copy=first_copy,
         )
         self.cluster.chunk_held(version.id, version.file_index(chunk.path))
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._wire import Received
+from ._wire import Have, HaveRequest, Landed, Received, WatchRequest
 
 __all__ = ["ChunkStore", "PeerClient", "PeerServer", "Received", "ServedChunk", "Sink"]
 
@@ -29,11 +29,14 @@ class ServedChunk:
 class ChunkStore(Protocol):
     """What a peer server reads from: the local pool's held chunks (thread-safe)."""
 
-    def open_chunk(
-        self, model: str, path: str, index: int, wait: float = 0.0
-    ) -> ServedChunk | None:
+    def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
         """A held, verified chunk with a fresh fd and its digest; None if this node does not
-        hold it (or no longer can vouch for it). ``wait``: seconds to wait for it to land."""
+        hold it (or no longer can vouch for it)."""
+        ...
+
+    def watch(self, model: str, epoch: int, since: int, wait: float) -> Landed:
+        """The chunks of ``model`` read from the origin here past ``since`` (see
+        ``WatchRequest``), waiting up to ``wait`` seconds for one (blocks the caller)."""
         ...
 
     def have(self, model: str, path: str) -> bytes:
@@ -69,7 +72,6 @@ class PeerClient(ABC):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
-        wait: float = 0.0,
         sink: Sink | None = None,
     ) -> Received:
         """Fetch one chunk into ``dest`` (exactly its length); return its CRC-32 and digest.
@@ -77,16 +79,35 @@ class PeerClient(ABC):
         transport that receives in blocks may use it instead of writing ``dest`` itself.
 
         ``node``: the node id the directory gave for ``address``; a server proving another
-        id is refused. ``wait``: seconds the server may wait for a chunk it does not hold yet.
-        Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the chunk
+        id is refused. Raises ``PeerError`` when the peer fails, stalls, refuses, lacks the chunk
         (``missing=True``), or sends bytes that do not match the digest it announced or whose
         CRC differs from ``expected_crc`` (``corrupt=True``); ``dest`` then holds garbage.
         """
 
-    @abstractmethod
     def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
         """The peer's bitmap of the file's chunks it holds now (see ``Have``); PeerError if
         it cannot be asked."""
+        reply = self._exchange(address, HaveRequest(model, path), node)
+        assert isinstance(reply, Have)
+        return reply.held
+
+    def watch(
+        self, address: str, model: str, epoch: int, since: int, wait: float, node: str | None = None
+    ) -> Landed:
+        """The chunks of ``model`` the peer read from the origin past ``since`` in its log of
+        ``epoch``, as soon as there are any or after ``wait`` seconds (a long poll, on
+        connections of its own); PeerError if it cannot be asked."""
+        reply = self._exchange(address, WatchRequest(model, epoch, since, wait), node)
+        assert isinstance(reply, Landed)
+        return reply
+
+    @abstractmethod
+    def _exchange(
+        self, address: str, request: HaveRequest | WatchRequest, node: str | None
+    ) -> Have | Landed:
+        """Send ``request`` and return its reply (``Have`` to a ``HaveRequest``, ``Landed``
+        to a ``WatchRequest``: anything else is a PeerError). Watches, held up to their
+        ``wait``, go on connections of their own."""
 
     @abstractmethod
     def close(self) -> None:

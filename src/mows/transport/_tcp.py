@@ -10,10 +10,12 @@ import contextlib
 import logging
 import mmap
 import os
+import resource
 import socket
 import struct
 import threading
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -27,9 +29,11 @@ from ._wire import (
     ChunkRequest,
     Have,
     HaveRequest,
+    Landed,
     PeerFailure,
     PeerMessage,
     Received,
+    WatchRequest,
     check_received,
     client_handshake,
     recv_peer,
@@ -44,10 +48,36 @@ log = logging.getLogger("mows.transport")
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # A bounded peer port: whoever reaches it, with or without the secret, holds at most this much.
-MAX_CONNECTIONS = 512  # in all
+# In all: at 1,000 nodes, a cold start has every other node watching us and fetching on a
+# few connections each. Lowered to what RLIMIT_NOFILE allows (see ``connection_cap``).
+MAX_CONNECTIONS = 8192
 MAX_PER_ADDRESS = 64  # from one host (a peer uses `peer_connections`, 4 by default)
 IDLE_TIMEOUT = 120.0  # seconds an authenticated connection may wait for its next request
 SEND_TIMEOUT = 60.0  # seconds a send may block on a reader that stopped reading
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted`` connections, or as many as the descriptor limit leaves room for (each
+    costs one here and a pool file's when it sends): the soft limit is raised to the hard
+    one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + 1024
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    cap = max(16, (soft - 1024) // 2)
+    log.warning(
+        "peer connections capped at %d by RLIMIT_NOFILE %d (raise it to %d for %d)",
+        cap,
+        soft,
+        need,
+        wanted,
+    )
+    return cap
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -83,7 +113,7 @@ class TcpPeerServer(PeerServer):
         self._encrypt = encrypt
         self._timeout = handshake_timeout
         self._idle_timeout = idle_timeout
-        self._max = max_connections
+        self._max = connection_cap(max_connections)
         self._max_per_address = max_per_address
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         self._address = f"{host}:{self._sock.getsockname()[1]}"
@@ -164,9 +194,13 @@ class TcpPeerServer(PeerServer):
                 if isinstance(req, HaveRequest):
                     send_peer(conn, Have(self._store.have(req.model, req.path)), channel)
                     continue
+                if isinstance(req, WatchRequest):
+                    landed = self._store.watch(req.model, req.epoch, req.since, req.wait)
+                    send_peer(conn, landed, channel)
+                    continue
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
-                chunk = self._store.open_chunk(req.model, req.path, req.index, req.wait)
+                chunk = self._store.open_chunk(req.model, req.path, req.index)
                 if chunk is None:
                     send_peer(
                         conn, PeerFailure(f"not held: {req.path[:200]} chunk {req.index}"), channel
@@ -254,7 +288,8 @@ def _kernel_timeouts(conn: socket.socket, *, recv: float, send: float) -> None:
 
 
 class TcpPeerClient(PeerClient):
-    """Pools up to ``connections`` authenticated connections per peer address."""
+    """Pools up to ``connections`` authenticated connections per peer address for chunks,
+    and as many again for watches (long polls must not take the chunks' connections)."""
 
     def __init__(
         self,
@@ -270,17 +305,21 @@ class TcpPeerClient(PeerClient):
         self._encrypt = encrypt
         self._max = connections
         self._timeout = timeout
-        self._idle: dict[str, list[_Conn]] = defaultdict(list)
-        self._count: dict[str, int] = defaultdict(int)
+        self._idle: dict[tuple[str, bool], list[_Conn]] = defaultdict(list)  # (address, watch)
+        self._count: dict[tuple[str, bool], int] = defaultdict(int)
+        self._open: weakref.WeakSet[_Conn] = weakref.WeakSet()  # idle or in use
         self._cond = threading.Condition()
 
-    def _acquire(self, address: str, node: str | None, fresh: bool = False) -> _Conn:
+    def _acquire(
+        self, address: str, node: str | None, fresh: bool = False, watch: bool = False
+    ) -> _Conn:
+        key = (address, watch)
         with self._cond:
             while True:
-                if self._idle[address] and not fresh:
-                    return self._idle[address].pop()
-                if self._count[address] < self._max:
-                    self._count[address] += 1
+                if self._idle[key] and not fresh:
+                    return self._idle[key].pop()
+                if self._count[key] < self._max:
+                    self._count[key] += 1
                     break
                 self._cond.wait()
         sock: socket.socket | None = None
@@ -291,27 +330,30 @@ class TcpPeerClient(PeerClient):
             server, channel = client_handshake(
                 sock, self.node, self._secret, address, node, self._encrypt
             )
-            return _Conn(sock, server, channel)
+            conn = _Conn(sock, server, channel)
+            self._open.add(conn)
+            return conn
         except BaseException as e:
             if sock is not None:
                 sock.close()
             with self._cond:
-                self._count[address] -= 1
-                self._cond.notify()
+                self._count[key] -= 1
+                self._cond.notify_all()
             if isinstance(e, OSError):
                 raise PeerError(address, f"cannot connect: {e.strerror or e}") from None
             if isinstance(e, ProtocolError):
                 raise PeerError(address, str(e)) from None
             raise
 
-    def _release(self, address: str, conn: _Conn, ok: bool) -> None:
+    def _release(self, address: str, conn: _Conn, ok: bool, watch: bool = False) -> None:
+        key = (address, watch)
         with self._cond:
             if ok:
-                self._idle[address].append(conn)
+                self._idle[key].append(conn)
             else:
-                self._count[address] -= 1
+                self._count[key] -= 1
                 conn.sock.close()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def fetch(
         self,
@@ -322,29 +364,9 @@ class TcpPeerClient(PeerClient):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
-        wait: float = 0.0,
         sink: Sink | None = None,
     ) -> Received:
-        request = ChunkRequest(model, path, index, wait)
-        reused = bool(self._idle.get(address))  # a hint: a pooled connection may be stale
-        conn = self._acquire(address, node)
-        try:
-            header = self._ask(conn, request, node)
-        except ConnectionError as e:
-            self._release(address, conn, False)
-            if not reused:
-                raise PeerError(address, str(e)) from None
-            # A pooled connection the server closed while idle: once more, on a fresh one.
-            log.debug("%s: idle connection closed (%s); reconnecting", address, e)
-            conn = self._acquire(address, node, fresh=True)
-            try:
-                header = self._ask(conn, request, node)
-            except BaseException as e2:
-                self._release(address, conn, False)
-                raise _peer_error(address, e2, self._timeout) from None
-        except BaseException as e:
-            self._release(address, conn, False)
-            raise _peer_error(address, e, self._timeout) from None
+        conn, header = self._request(address, ChunkRequest(model, path, index), node)
         ok = False
         try:
             if isinstance(header, PeerFailure):
@@ -377,30 +399,55 @@ class TcpPeerClient(PeerClient):
         finally:
             self._release(address, conn, ok)
 
-    def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
-        conn = self._acquire(address, node)
-        ok = False
+    def _exchange(
+        self, address: str, request: HaveRequest | WatchRequest, node: str | None
+    ) -> Have | Landed:
+        watch = isinstance(request, WatchRequest)
+        conn, reply = self._request(address, request, node, watch)
+        expect = Landed if watch else Have
+        if not isinstance(reply, expect):
+            self._release(address, conn, False, watch)
+            raise PeerError(address, f"expected {expect.__name__}, got {type(reply).__name__}")
+        self._release(address, conn, True, watch)
+        return reply
+
+    def _request(
+        self,
+        address: str,
+        request: ChunkRequest | HaveRequest | WatchRequest,
+        node: str | None,
+        watch: bool = False,
+    ) -> tuple[_Conn, PeerMessage]:
+        """Send ``request`` on a pooled connection and read the reply; the connection is the
+        caller's to release. A pooled connection the server closed while idle is replaced
+        by a fresh one, once. Failures become PeerError."""
+        reused = bool(self._idle.get((address, watch)))  # a hint: a pooled one may be stale
+        conn = self._acquire(address, node, watch=watch)
         try:
-            reply = self._ask(conn, HaveRequest(model, path), node)
-            if not isinstance(reply, Have):
-                raise PeerError(address, f"expected Have, got {type(reply).__name__}")
-            ok = True
-            return reply.held
-        except PeerError:
-            raise
+            return conn, self._ask(conn, request, node)
+        except ConnectionError as e:
+            self._release(address, conn, False, watch)
+            if not reused:
+                raise PeerError(address, str(e)) from None
+            log.debug("%s: idle connection closed (%s); reconnecting", address, e)
         except BaseException as e:
+            self._release(address, conn, False, watch)
             raise _peer_error(address, e, self._timeout) from None
-        finally:
-            self._release(address, conn, ok)
+        conn = self._acquire(address, node, fresh=True, watch=watch)
+        try:
+            return conn, self._ask(conn, request, node)
+        except BaseException as e:
+            self._release(address, conn, False, watch)
+            raise _peer_error(address, e, self._timeout) from None
 
     def _ask(
-        self, conn: _Conn, request: ChunkRequest | HaveRequest, node: str | None
+        self, conn: _Conn, request: ChunkRequest | HaveRequest | WatchRequest, node: str | None
     ) -> PeerMessage:
         if node is not None and conn.node != node:
             # The directory moved another node to this address: this connection is not it.
             raise PeerError(conn.channel.peer, f"is node {conn.node!r}, expected {node!r}")
-        # A stalled peer costs at most this per recv; the header may come after the wait.
-        wait = request.wait if isinstance(request, ChunkRequest) else 0.0
+        # A stalled peer costs at most this per recv; a watch's answer may come after its wait.
+        wait = request.wait if isinstance(request, WatchRequest) else 0.0
         conn.sock.settimeout(self._timeout + wait)
         send_peer(conn.sock, request, conn.channel)
         header = recv_peer(conn.sock, conn.channel)
@@ -408,11 +455,17 @@ class TcpPeerClient(PeerClient):
         return header
 
     def close(self) -> None:
+        """Close idle connections and cut those in use (a watch blocked in its long poll
+        returns at once, with a PeerError)."""
         with self._cond:
             for conns in self._idle.values():
                 for c in conns:
                     c.sock.close()
             self._idle.clear()
+            busy = list(self._open)
+        for c in busy:
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _receive_into(conn: _Conn, address: str, dest: memoryview) -> None:
@@ -452,7 +505,7 @@ def _receive_through(conn: _Conn, address: str, length: int, sink: Sink) -> tupl
     return hasher.crc, hasher.digest()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a WeakSet
 class _Conn:
     """A pooled, authenticated connection: the node it proved to be and its channel."""
 

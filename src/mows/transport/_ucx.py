@@ -28,7 +28,7 @@ import msgspec
 
 from .._errors import ConfigError, PeerError, ProtocolError
 from ._base import ChunkStore, PeerClient, PeerServer, ServedChunk, Sink
-from ._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS, SEND_TIMEOUT, split_address
+from ._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS, SEND_TIMEOUT, connection_cap, split_address
 from ._wire import (
     MAX_PEER_FRAME,
     Channel,
@@ -37,10 +37,12 @@ from ._wire import (
     ClientHandshake,
     Have,
     HaveRequest,
+    Landed,
     PeerFailure,
     PeerMessage,
     Received,
     ServerHandshake,
+    WatchRequest,
     decode_peer,
     verify_chunk,
 )
@@ -134,9 +136,9 @@ class UcxPeerServer(PeerServer):
         host, port = split_address(listen)
         self._store, self.node, self._secret = store, node, secret
         self._timeout, self._idle_timeout = handshake_timeout, idle_timeout
-        self._max, self._encrypt = max_connections, encrypt
+        self._max, self._encrypt = connection_cap(max_connections), encrypt
         self._active = 0  # touched on the UCX loop only
-        self._waits = ThreadPoolExecutor(max_connections, thread_name_prefix="mows-ucx-serve")
+        self._waits = ThreadPoolExecutor(self._max, thread_name_prefix="mows-ucx-serve")
         self.refused = 0
         self._loop = _Loop.get()
         self._listener = self._loop.run(self._create(port), 30)
@@ -174,12 +176,18 @@ class UcxPeerServer(PeerServer):
                     held = self._store.have(req.model, req.path)
                     await asyncio.wait_for(_send(ep, Have(held), channel), SEND_TIMEOUT)
                     continue
+                if isinstance(req, WatchRequest):
+                    # A long poll, in a thread of its own: it must not hold the loop's
+                    # default executor.
+                    landed = await asyncio.get_running_loop().run_in_executor(
+                        self._waits, self._store.watch, req.model, req.epoch, req.since, req.wait
+                    )
+                    await asyncio.wait_for(_send(ep, landed, channel), SEND_TIMEOUT)
+                    continue
                 if not isinstance(req, ChunkRequest):
                     raise ProtocolError(f"expected ChunkRequest, got {type(req).__name__}")
-                # A request may wait for its chunk to land (outside the send's deadline), in
-                # a thread of its own: waits must not hold the loop's default executor.
                 chunk = await asyncio.get_running_loop().run_in_executor(
-                    self._waits, self._store.open_chunk, req.model, req.path, req.index, req.wait
+                    self._waits, self._store.open_chunk, req.model, req.path, req.index
                 )
                 await asyncio.wait_for(
                     self._send_chunk(ep, channel, req, chunk, hs.client), SEND_TIMEOUT
@@ -240,8 +248,9 @@ class UcxPeerClient(PeerClient):
         self.node, self._secret, self._encrypt = node, secret, encrypt
         self._max, self._timeout = connections, timeout
         self._loop = _Loop.get()
-        self._idle: dict[str, list[tuple[Any, Channel, str]]] = defaultdict(list)
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        # (address, watch) -> idle connections; the slots bound the open ones
+        self._idle: dict[tuple[str, bool], list[tuple[Any, Channel, str]]] = defaultdict(list)
+        self._slots: dict[tuple[str, bool], asyncio.Semaphore] = {}
 
     def fetch(
         self,
@@ -252,11 +261,10 @@ class UcxPeerClient(PeerClient):
         dest: memoryview,
         expected_crc: int | None,
         node: str | None = None,
-        wait: float = 0.0,
         sink: Sink | None = None,  # UCX receives into ``dest`` in one message
     ) -> Received:
         ended = threading.Event()
-        request = ChunkRequest(model, path, index, wait)
+        request = ChunkRequest(model, path, index)
 
         async def guarded() -> Received:
             try:
@@ -266,7 +274,7 @@ class UcxPeerClient(PeerClient):
 
         fut = asyncio.run_coroutine_threadsafe(guarded(), self._loop.loop)
         try:
-            return fut.result(self._timeout * 3 + wait)
+            return fut.result(self._timeout * 3)
         except TimeoutError:
             # Cancel it and wait for it to end: a transfer left running could write into
             # ``dest`` after the caller refilled it from elsewhere and checked it.
@@ -283,12 +291,16 @@ class UcxPeerClient(PeerClient):
         return ep, hs.on_ok(await _recv_body(ep)), hs.server
 
     @contextlib.asynccontextmanager
-    async def _connection(self, address: str, node: str | None) -> AsyncIterator[_Use]:
+    async def _connection(
+        self, address: str, node: str | None, watch: bool = False
+    ) -> AsyncIterator[_Use]:
         """A pooled (or new) connection to ``address``, proven to be ``node``; back to the
-        pool if the body set ``ok``, else closed. Failures become PeerError."""
-        slots = self._slots.setdefault(address, asyncio.Semaphore(self._max))
+        pool if the body set ``ok``, else closed. Failures become PeerError. Watches (long
+        polls) have connections of their own: they must not take the chunks'."""
+        key = (address, watch)
+        slots = self._slots.setdefault(key, asyncio.Semaphore(self._max))
         async with slots:
-            conn = self._idle[address].pop() if self._idle[address] else None
+            conn = self._idle[key].pop() if self._idle[key] else None
             use: _Use | None = None
             try:
                 if conn is None:
@@ -307,7 +319,7 @@ class UcxPeerClient(PeerClient):
             finally:
                 if conn is not None:
                     if use is not None and use.ok:
-                        self._idle[address].append(conn)
+                        self._idle[key].append(conn)
                     else:
                         with contextlib.suppress(Exception):
                             await conn[0].close()
@@ -325,7 +337,7 @@ class UcxPeerClient(PeerClient):
         async with self._connection(address, node) as use:
             ep, channel = use.ep, use.channel
             await _send(ep, request, channel)
-            header = await asyncio.wait_for(_recv(ep, channel), self._timeout + request.wait)
+            header = await asyncio.wait_for(_recv(ep, channel), self._timeout)
             if isinstance(header, PeerFailure):
                 use.ok = True
                 raise PeerError(address, header.message, missing=True)
@@ -341,18 +353,26 @@ class UcxPeerClient(PeerClient):
             use.ok = True
             return received
 
-    def have(self, address: str, model: str, path: str, node: str | None = None) -> bytes:
-        async def ask() -> bytes:
-            async with self._connection(address, node) as use:
-                await _send(use.ep, HaveRequest(model, path), use.channel)
-                reply = await asyncio.wait_for(_recv(use.ep, use.channel), self._timeout)
-                if not isinstance(reply, Have):
-                    raise PeerError(address, f"expected Have, got {type(reply).__name__}")
+    def _exchange(
+        self, address: str, request: HaveRequest | WatchRequest, node: str | None
+    ) -> Have | Landed:
+        watch = isinstance(request, WatchRequest)
+        wait = request.wait if isinstance(request, WatchRequest) else 0.0
+        expect = Landed if watch else Have
+
+        async def ask() -> Have | Landed:
+            async with self._connection(address, node, watch) as use:
+                await _send(use.ep, request, use.channel)
+                reply = await asyncio.wait_for(_recv(use.ep, use.channel), self._timeout + wait)
+                if not isinstance(reply, expect):
+                    raise PeerError(
+                        address, f"expected {expect.__name__}, got {type(reply).__name__}"
+                    )
                 use.ok = True
-                return reply.held
+                return reply
 
         try:
-            return self._loop.run(ask(), self._timeout * 3)
+            return self._loop.run(ask(), self._timeout * 3 + wait)
         except TimeoutError:
             raise PeerError(address, f"stalled for {self._timeout * 3:.0f}s") from None
 

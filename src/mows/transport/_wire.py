@@ -36,6 +36,7 @@ __all__ = [
     "ClientHandshake",
     "Have",
     "HaveRequest",
+    "Landed",
     "PeerAuth",
     "PeerChallenge",
     "PeerFailure",
@@ -43,6 +44,7 @@ __all__ = [
     "PeerOk",
     "Received",
     "ServerHandshake",
+    "WatchRequest",
     "check_received",
     "client_handshake",
     "decode_peer",
@@ -53,7 +55,7 @@ __all__ = [
     "verify_chunk",
 ]
 
-PEER_PROTOCOL_VERSION = 3  # 3: requests may wait for a chunk; Have
+PEER_PROTOCOL_VERSION = 4  # 3: requests may wait for a chunk; Have. 4: Watch, no waits
 MAX_PEER_FRAME = 1 << 20  # control messages only; chunk bytes follow a header, unframed
 TAG_BYTES = 16  # truncated HMAC-SHA256: 128 bits, checked on every frame
 
@@ -83,9 +85,6 @@ class ChunkRequest(msgspec.Struct, tag=True, frozen=True):
     model: str  # the model's cluster fingerprint
     path: str
     index: int
-    # Seconds the server may hold the request for a chunk it does not hold yet (its owner,
-    # still loading): answered when the chunk lands, "not held" at the end of the wait.
-    wait: float = 0.0
 
 
 class ChunkHeader(msgspec.Struct, tag=True, frozen=True):
@@ -110,6 +109,26 @@ class Have(msgspec.Struct, tag=True, frozen=True):
     held: bytes  # bit i (of byte i // 8, LSB first) set: chunk i is held; trailing zeros cut
 
 
+class WatchRequest(msgspec.Struct, tag=True, frozen=True):
+    """Which chunks of this version did you read from the origin since ``since`` (in your log
+    of epoch ``epoch``)? Held up to ``wait`` seconds until there is one: a node waiting for
+    chunks an owner is still fetching keeps one such request per owner, instead of a
+    request (and a transfer thread) per chunk."""
+
+    model: str
+    epoch: int = 0
+    since: int = 0
+    wait: float = 0.0
+
+
+class Landed(msgspec.Struct, tag=True, frozen=True):
+    """The answer to a ``WatchRequest``: first copies landed since, by path."""
+
+    epoch: int  # the server's log; a watcher whose epoch differs asks again from 0
+    next: int  # where the next request starts
+    chunks: dict[str, list[int]]
+
+
 PeerMessage = (
     PeerHello
     | PeerChallenge
@@ -120,6 +139,8 @@ PeerMessage = (
     | PeerFailure
     | HaveRequest
     | Have
+    | WatchRequest
+    | Landed
 )
 _dec = msgspec.msgpack.Decoder(PeerMessage)
 
