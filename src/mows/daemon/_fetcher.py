@@ -277,12 +277,11 @@ class ChunkFetcher:
         if w is None:
             w = self._waits[key] = _Wait(node, asyncio.get_running_loop().create_future())
             self._watched.setdefault((vid, node), set()).add(key)
-            task = self._watches.get((vid, node))
-            if task is None or task.done():
-                task = asyncio.ensure_future(self._watch(vid, node))
-                self._watches[(vid, node)] = task
         elif w.woken.done():
             w.woken = asyncio.get_running_loop().create_future()
+        task = self._watches.get((vid, node))
+        if task is None or task.done():  # none yet, or it ended (e.g. it failed before)
+            self._watches[(vid, node)] = asyncio.ensure_future(self._watch(vid, node))
         await asyncio.wait([w.woken], timeout=WAIT_MAX)
 
     def _unwatch(self, vid: str, node: str, key: tuple[str, str, int]) -> None:
