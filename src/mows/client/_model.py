@@ -10,6 +10,7 @@ when the handle is closed and the last tensor of the model is gone.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -380,8 +381,13 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
         try:
             for i in range(len(order)):
                 assert pending is not None
-                handle = pending.result()
-                pending = None
+                fut, pending = pending, None
+                try:
+                    handle = fut.result()
+                finally:
+                    # No cycle (its exception -> traceback -> this frame -> the future -> the
+                    # exception) keeping the last file's tensors, and their pins, until a GC.
+                    del fut
                 with handle:
                     for item in handle.iter_weights():
                         yield item
@@ -391,6 +397,12 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
                             pending = ahead.submit(fetch, i + 1)
                 if pending is None and i + 1 < len(order):  # a file without tensors
                     pending = ahead.submit(fetch, i + 1)
+        except BaseException:
+            # The error's traceback keeps this frame: not the last tensor it yielded (whose
+            # mapping keeps its file's pin) once the caller is done with the tensor.
+            item = handle = None  # type: ignore[assignment]
+            gc.collect()  # and cycles through the tensors the stream made: rare, and cheap
+            raise
         finally:
             if pending is not None and not pending.cancel():
                 with contextlib.suppress(MowsError, OSError):

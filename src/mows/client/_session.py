@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import queue
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -151,6 +152,17 @@ class Session:
                     self._unsent -= 1
                     self._sent.notify_all()
 
+    def hung_up(self) -> bool:
+        """The daemon closed the connection (it restarted, say): between requests it sends
+        nothing, so end-of-file waiting on the socket means it is gone."""
+        try:
+            # select first: on a socket with a timeout, recv waits for data whatever its flags
+            if not select.select([self._sock], [], [], 0)[0]:
+                return False  # nothing to read: alive
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (OSError, ValueError):  # ValueError: closed under us
+            return True
+
     def close(self) -> None:
         self.closed = True
         self._releases.put(None)
@@ -168,7 +180,7 @@ def get_session(path: str | None = None, lane: str = "") -> Session:
     path = path or default_socket()
     with _lock:
         session = _sessions.get((path, lane))
-        if session is None or session.closed or session.pid != os.getpid():
+        if session is None or session.closed or session.pid != os.getpid() or session.hung_up():
             session = _sessions[(path, lane)] = Session(path)
         return session
 

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import random
 import time
 from collections.abc import Callable
@@ -129,7 +130,7 @@ class ChunkFetcher:
         self.metrics = metrics
         self.peering = peering
         self._origin = ThreadPoolExecutor(config.workers, thread_name_prefix="mows-fetch")
-        self._peers = ThreadPoolExecutor(
+        self._peers = _RandomOrderExecutor(
             4 * config.peer_connections, thread_name_prefix="mows-peer"
         )
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
@@ -225,7 +226,11 @@ class ChunkFetcher:
                     continue  # waited for the owner table: look at the holders again
                 owner = cluster.chunk_owner(vid, index)
                 state = cluster.state(vid, owner, f)
-                if owner != cluster.node_id and owner not in asked:
+                # An owner asked already is passed over, unless it failed (its breaker is
+                # open) while its record stands: then it is waited for like one whose watch
+                # failed, not replaced by the origin at every node at once.
+                failed = owner in asked and not self._closed(owner, now)
+                if owner != cluster.node_id and (owner not in asked or failed):
                     if state.loading and wait_for_owner:
                         # No deadline while the owner answers and its record says it fills
                         # the file: on a model 100x the origin link's second, a chunk may
@@ -447,6 +452,34 @@ class ChunkFetcher:
             return await asyncio.wrap_future(cf)
         finally:
             target.running.discard(cf)
+
+
+class _RandomOrderExecutor(ThreadPoolExecutor):
+    """Peer transfers, taken from the queue in random order: every node hears of a chunk
+    landing at its owner at the same moment, and served first-come-first-served they would
+    all ask the same few owners for the same few chunks at once (a convoy) while the other
+    owners' uplinks idle."""
+
+    def __init__(self, workers: int, thread_name_prefix: str) -> None:
+        super().__init__(workers, thread_name_prefix=thread_name_prefix)
+        self._work_queue = _RandomQueue()  # type: ignore[assignment]
+
+
+class _RandomQueue(queue.Queue[Any]):
+    def _init(self, maxsize: int) -> None:
+        self.queue: list[Any] = []
+
+    def _qsize(self) -> int:
+        return len(self.queue)
+
+    def _put(self, item: Any) -> None:
+        self.queue.append(item)
+
+    def _get(self) -> Any:
+        q = self.queue
+        i = random.randrange(len(q))
+        q[i], q[-1] = q[-1], q[i]
+        return q.pop()
 
 
 def _fetch_from_peer(

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from .._config import DaemonConfig
 from .._errors import ConfigError, IntegrityError, ManifestError
@@ -118,14 +119,26 @@ class Prefetcher:
         """Fetch this node's share of a model (or all of it) chunk by chunk, yielding to every
         client open, at most ``prefetch_rate`` bytes a second."""
         v, _ = await self.loads.resolve(location, max_age=REVALIDATE_EVERY)
-        if self.peering is None:
-            await self._prefetch_version(location, v)
-            return
-        # A member while it runs (others count us in their owner tables, and may ask us).
-        with self.peering.loading(v, [e.path for e in v.manifest.files]):
-            await self._prefetch_version(location, v)
+        # A member while it runs (others count us in their owner tables, and wait for the
+        # chunks we own), not while it is paused: a paused prefetch waited on by peers whose
+        # own loads keep their prefetches paused would stall them all.
+        with contextlib.ExitStack() as membership:
+            peering = self.peering
 
-    async def _prefetch_version(self, location: str, v: Version) -> None:
+            def member(running: bool) -> None:
+                if peering is None:
+                    return
+                if running:
+                    membership.enter_context(peering.loading(v, [e.path for e in v.manifest.files]))
+                else:
+                    membership.close()
+
+            member(True)
+            await self._prefetch_version(location, v, member)
+
+    async def _prefetch_version(
+        self, location: str, v: Version, member: Callable[[bool], None]
+    ) -> None:
         share = self.peering is not None and self.config.prefetch == "share"
         if share:
             await self._settled_members(v.id)
@@ -148,7 +161,9 @@ class Prefetcher:
                 continue
             if not self.loads.idle.is_set():
                 state["state"] = "paused"
+                member(False)
                 await self.loads.idle.wait()
+                member(True)
                 state["state"] = "running"
             await self._throttle(chunk.length)
             if _present(v, entry, chunk) or not self._mine(v, chunk, share):
