@@ -10,6 +10,7 @@ need_apt=()
 command -v crc32 >/dev/null || need_apt+=(libarchive-zip-perl)  # the reference crc32 tool
 command -v nginx >/dev/null || need_apt+=(nginx-light)          # a real HTTP origin for tests
 command -v etcd >/dev/null || need_apt+=(etcd-server)           # cluster metadata
+command -v nft >/dev/null || need_apt+=(nftables)               # packet loss in bench/chaos.py
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: apt-get install ${need_apt[*]}"

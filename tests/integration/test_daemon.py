@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
@@ -389,3 +390,31 @@ def test_a_failed_stream_releases_its_pins_at_once(daemon_factory: Any, tmp_path
         _wait(lambda: d.status()["pinned_bytes"] == 0, timeout=5)
     finally:
         gc.enable()
+
+
+def test_pins_outlive_a_clients_exit_while_it_maps(daemon_factory: Any, tmp_path: Path) -> None:
+    """Regression (bench/soak.py): a client closed its daemon connections at exit while
+    tensors it still held mapped pool files, so the daemon dropped the pins and could evict
+    (unlink) files the process still mapped: the pool filesystem went over the cap. The
+    pins must last until the kernel has unmapped the process's memory."""
+    model = make_random_model(tmp_path / "m", 8, files=1)
+    d = daemon_factory(roots=[tmp_path])
+    script = textwrap.dedent(
+        f"""
+        import atexit, json, sys
+
+        def report():  # registered first: runs after mows's own exit handler
+            from mows.client._session import get_session
+            print(json.dumps(get_session({d.socket!r}, lane="probe").status()))
+
+        atexit.register(report)
+        import mows
+        KEPT = dict(mows.load_state_dict({str(model)!r}, socket={d.socket!r}, fallback=False))
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    status = json.loads(r.stdout.strip().splitlines()[-1])
+    assert status["pinned_bytes"] >= 8 << 20, status  # still pinned while KEPT maps it
+    _wait(lambda: d.status()["pinned_bytes"] == 0, timeout=10)  # and released after

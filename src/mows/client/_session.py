@@ -191,9 +191,15 @@ def _after_fork() -> None:
 
 
 def _close_all() -> None:
+    """At exit: stop the sessions but leave their sockets to the kernel. Tensors still alive
+    (an engine's weights, a traceback) map pool files until the process is gone, and the
+    daemon drops a connection's pins when it closes; the kernel closes a dying process's
+    files only after unmapping its memory, so the pins outlive every mapping."""
     with _lock:
         for session in _sessions.values():
-            session.close()
+            session.closed = True
+            session._releases.put(None)
+            session._sock.detach()  # not closed here, and no "unclosed socket" warning
         _sessions.clear()
 
 
