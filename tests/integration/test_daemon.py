@@ -418,3 +418,34 @@ def test_pins_outlive_a_clients_exit_while_it_maps(daemon_factory: Any, tmp_path
     status = json.loads(r.stdout.strip().splitlines()[-1])
     assert status["pinned_bytes"] >= 8 << 20, status  # still pinned while KEPT maps it
     _wait(lambda: d.status()["pinned_bytes"] == 0, timeout=10)  # and released after
+
+
+def test_a_file_mapped_across_a_daemon_restart_is_not_evicted(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Regression (bench/chaos.py): a client still mapping a pool file when its daemon was
+    SIGKILLed kept reading it, but the new daemon, which never saw that client's pins,
+    adopted the file and evicted it for the next load: its pages stayed mapped, uncounted,
+    and the pool's filesystem went over the cap. Clients hold a shared flock on every file
+    they map; the daemon does not evict a file so locked."""
+    first = make_random_model(tmp_path / "first", 16, files=1, seed=1)
+    second = make_random_model(tmp_path / "second", 16, files=1, seed=2)
+    d = daemon_factory(roots=[tmp_path], max_memory="24MiB", extra=["--load-timeout", "2"])
+    handle = mows.open_model(first, socket=d.socket, fallback=False)
+    kept = dict(handle.state_dict())
+    pool_file = next(p for p in Path(handle.files[next(iter(handle.files))]).parent.iterdir())
+    d.stop(clean=False, sig=signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(d.socket)
+    d.start()  # adopts the first model's file: nobody pins it here
+    with pytest.raises(CapacityError):  # the second fits only if the first goes
+        mows.open_model(second, socket=d.socket, fallback=False)
+    assert pool_file.exists(), "a file a live client maps was evicted"
+    assert_same_as_files(kept, first)
+    del kept
+    handle.close()
+    del handle
+    gc.collect()  # the last tensor goes: the mapping, and its lock, with it
+    with mows.open_model(second, socket=d.socket, fallback=False) as h:
+        assert_same_as_files(h.state_dict(), second)
+    assert not pool_file.exists()  # evicted once let go

@@ -10,6 +10,7 @@ when the handle is closed and the last tensor of the model is gone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import logging
 import mmap
@@ -89,7 +90,10 @@ class _PinGuard:
     def track(self, obj: object) -> None:
         with self._lock:
             self._count += 1
-        weakref.finalize(obj, self.drop)
+        # Not at interpreter exit (finalize's default): the mapping may outlive that (a
+        # tensor in a module global), and its pin must too; the kernel ends the connection,
+        # and with it the pins, only after unmapping.
+        weakref.finalize(obj, self.drop).atexit = False
 
     def drop(self) -> None:
         with self._lock:
@@ -199,6 +203,10 @@ class ModelHandle:
             if m is None:
                 fd = os.open(self.files[rel], os.O_RDONLY | os.O_CLOEXEC)
                 try:
+                    # Held by the mapping's own descriptor (mmap keeps a duplicate) for as
+                    # long as it lives: a daemon restarted meanwhile, which never saw our
+                    # pins, sees the lock and does not evict the file under us.
+                    fcntl.flock(fd, fcntl.LOCK_SH)
                     size = os.fstat(fd).st_size
                     m = mmap.mmap(
                         fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE

@@ -160,6 +160,8 @@ class Session:
             if not select.select([self._sock], [], [], 0)[0]:
                 return False  # nothing to read: alive
             return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # another thread read what was there: alive
+            return False
         except (OSError, ValueError):  # ValueError: closed under us
             return True
 
@@ -181,6 +183,8 @@ def get_session(path: str | None = None, lane: str = "") -> Session:
     with _lock:
         session = _sessions.get((path, lane))
         if session is None or session.closed or session.pid != os.getpid() or session.hung_up():
+            if session is not None and not session.closed and session.pid == os.getpid():
+                session.close()  # the daemon went (a restart): its pins went with it
             session = _sessions[(path, lane)] = Session(path)
         return session
 

@@ -17,6 +17,7 @@ Not thread-safe: the daemon calls it from its event loop only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -254,7 +255,13 @@ class Pool:
     def _victims(self, keep: Collection[PoolFile] = ()) -> list[PoolFile]:
         """Evictable files in eviction order: superseded versions first, then copies other
         nodes also hold, the cluster's last copies last; least recently used among equals."""
-        cands = [f for f in self.files() if not f.locked and f not in keep]
+        cands = [
+            f
+            for f in self.files()
+            if not f.locked
+            and f not in keep
+            and not (f.state is FileState.READY and _mapped_by_a_client(f.path))
+        ]
         last_copy = self.last_copy
         return sorted(
             cands,
@@ -505,6 +512,26 @@ class _Meta(msgspec.Struct, frozen=True):
     format: int
     manifest: Manifest
     files: dict[str, _FileMeta]
+
+
+def _mapped_by_a_client(path: str) -> bool:
+    """A client maps the file (it holds a shared flock while it does): one that outlived a
+    daemon restart, whose pins this daemon never saw, or one whose pin went with a
+    connection while its tensors live on. Evicting it would unlink pages still mapped:
+    memory the cap would no longer count."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops our probe's lock
+    return False
 
 
 def _check_root(root: str) -> None:
