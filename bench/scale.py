@@ -11,17 +11,21 @@ What is real, what is simulated, what is sampled:
   members), timed; it is computed again when the members change (a killed node's lease
   expires, ``lease_ttl`` after the kill; a node's fills all end).
 * The fetch-scheduling policy is the daemon's, re-enacted chunk by chunk in simulated time
-  (one event loop, heapq): ``ChunkFetcher._from_peers`` as it is - a whole-file holder
-  (least in flight, random ties); else the chunk's owner, waiting there while its record
-  says it fills the file, WAIT_MAX a request, asked again (at the back of the queue, after
-  a 0.1 s pause if it answered early) for as long as the owner answers and fills the file;
-  else partial holders' Have (only of nodes holding part of the file and not filling it:
-  none here, nobody prefetches shares); else the origin. A load's chunks are all decided
-  when its fills start (after a cold fill's 3 publish intervals), and queued FIFO:
-  ``workers`` origin workers, ``4 x peer_connections`` peer threads (a request waiting at
-  an owner holds one), ``peer_connections`` connections a peer, circuit breakers
-  (BREAKER_BASE doubling), ChunkTable's MAX_WAIT at the owner. The constants and the
-  defaults are imported from the daemon, so the simulation follows the code.
+  (one event loop, heapq): ``ChunkFetcher._from_peers`` as it is (``Sim`` has it turn by
+  turn) - a whole-file holder (least in flight, random ties), else the node whose watch
+  reported reading the chunk from the origin: a plain request; else, while the chunk's owner
+  (not asked yet) says it fills the file, the chunk waits for the owner's report, holding no
+  thread: one long-poll watch a (node, owner), answered with the owner's first copies (the
+  chunks it read from the origin) as they land; the owner's breaker open (its connection
+  failed), a grace (OWNER_GRACE) re-evaluated every second, its lease ending meanwhile and a
+  new owner taking the chunk; else partial holders' Have (only of nodes holding part of the
+  file and not filling it: none here, nobody prefetches shares); else the origin. A load's
+  chunk tasks all start when its fills start (after a cold fill's 3 publish intervals):
+  plain requests queue on ``4 x peer_connections`` transfer threads (all they carry), each
+  free thread taking a uniformly random one (``_RandomOrderExecutor``),
+  ``peer_connections`` connections a peer; origin reads on ``workers`` origin workers;
+  circuit breakers (BREAKER_BASE doubling). The constants and the defaults are imported from
+  the daemon, so the simulation follows the code.
 * Data moves as timed transfers on links, not bytes: the origin link shared fairly by every
   origin read in flight (processor sharing, exact); each node a full-duplex link, each
   transfer at min(uplink / its transfers, downlink / its transfers), a fluid model stepped
@@ -35,8 +39,11 @@ What is real, what is simulated, what is sampled:
   the ~1e7 chunk deliveries cost ~10 us each. The owner table follows the members at most
   once a simulated second (a real node recomputes it on each change, ~0.2 s at 1,000).
   Not modelled but counted: the peer server's connection cap (MAX_CONNECTIONS): the most
-  distinct clients one server talked to within IDLE_TIMEOUT (each keeps a connection open
-  that long) is reported as an extra check.
+  connections at one server, one per client that asked within IDLE_TIMEOUT (each keeps a
+  connection open that long) and one per watch (a connection per (watcher, version,
+  server)) running or used within IDLE_TIMEOUT, is reported as an extra check. Every
+  TRACE_EVERY simulated seconds the JSON gets a trace of the cluster (its chunks by state,
+  transfers, uploading nodes, peer throughput, the origin's reads).
 * The directory is real, against a real etcd (Debian's, on loopback, one member): the
   simulated timeline (each node's join and fills, each file's first chunk and completion,
   the kills) is replayed, time-compressed (``--max-compression``, and slower when etcd or
@@ -69,8 +76,8 @@ figure over all live nodes is in the JSON). A simulation stops at ``--max-ratio`
 ideal (3) or after ``--sim-budget`` wall seconds: a load not done by then is reported not
 done. Defaults: 700 GB in 163 files (a DeepSeek-V3 checkpoint's count), the daemon's chunk
 size for it (64 MiB), origin 10 Gbit/s, nodes 25 Gbit/s. ``--quick``: 10 nodes, 2 GB in 8
-files. Prints a table and the targets at the largest N; writes bench/results/scale.json
-(scale-quick.json).
+files, stopped at 20 x ideal at the earliest (its ideal is shorter than a lease). Prints a
+table and the targets at the largest N; writes bench/results/scale.json (scale-quick.json).
 """
 
 from __future__ import annotations
@@ -99,8 +106,12 @@ from mows._config import DaemonConfig  # noqa: E402
 from mows._crc import combine_chunks  # noqa: E402
 from mows.cluster import Cluster  # noqa: E402
 from mows.cluster._placement import owner_table  # noqa: E402
-from mows.daemon._chunks import MAX_WAIT  # noqa: E402
-from mows.daemon._fetcher import BREAKER_BASE, BREAKER_MAX, WAIT_MAX  # noqa: E402
+from mows.daemon._fetcher import (  # noqa: E402
+    BREAKER_BASE,
+    BREAKER_MAX,
+    OWNER_GRACE,
+    WAIT_MAX,
+)
 from mows.manifest import FileEntry, Manifest, chunk_count, version_id  # noqa: E402
 from mows.manifest._model import choose_chunk_size  # noqa: E402
 from mows.transport._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS  # noqa: E402
@@ -189,8 +200,31 @@ class SimParams:
     publish_interval: float = PUBLISH_INTERVAL
 
 
-E_ORIGIN, E_EXPIRE, E_MISS, E_FAIL, E_KILL, E_LEASE, E_START, E_SAMPLE, E_DECIDE = range(9)
-EARLY_PAUSE = 0.1  # _from_peers: an owner that answered within WAIT_MAX / 2 is asked again then
+(
+    E_ORIGIN,
+    E_MISS,
+    E_FAIL,
+    E_KILL,
+    E_LEASE,
+    E_START,
+    E_SAMPLE,
+    E_DECIDE,
+    E_REPORT,
+    E_WATCH,
+    E_WFAIL,
+    E_TABLE,
+) = range(12)
+# A chunk's fetch at a loading node (Sim.ST): its state.
+NEW, DEFER, ASKING, READING, HELD, WAITING, GRACE = range(-1, -8, -1)
+STATES = {
+    "deciding": NEW,
+    "waiting_for_table": DEFER,
+    "asking": ASKING,  # a plain request queued or in flight
+    "origin": READING,  # an origin read queued or in flight
+    "held": HELD,
+    "waiting": WAITING,  # for a report (3a)
+    "grace": GRACE,  # its owner's breaker open (3b)
+}
 
 
 class OriginPS:
@@ -206,10 +240,12 @@ class OriginPS:
         self.seq = 0
         self.dead: set[int] = set()
         self.active: Counter[int] = Counter()
+        self.busy = 0.0  # seconds with at least one read in flight
 
     def _advance(self, t: float) -> None:
         if self.n:
             self.v += (t - self.t) * self.rate / self.n
+            self.busy += t - self.t
         self.t = t
 
     def add(self, t: float, node: int, c: int, size: int) -> None:
@@ -257,26 +293,77 @@ class SimResult:
     table_seconds: list[float]  # real owner_table computations (initial, after each expiry)
     first_members: list[str]  # the owner table's members when the loads began, and the table
     first_table: list[str]
-    peak_clients: int  # most distinct clients one server talked to within IDLE_TIMEOUT
+    peak_clients: int  # most distinct clients (askers or watchers) at one server
+    peak_connections: int  # most connections at one server: askers' + watches (see Sim)
     counters: dict[str, int] = field(default_factory=dict)
+    trace: list[dict[str, float]] = field(default_factory=list)  # every TRACE_EVERY s
     wall_s: float = 0.0
     sim_end: float = 0.0
     stopped: bool = False  # at max_ratio x ideal, loads still running
 
 
+TRACE_EVERY = 10.0  # simulated seconds between two samples of the cluster's state (the trace)
+
+
+def _was_asked(a1: int, ax: set[int] | None, h: int) -> bool:
+    return a1 == h or (ax is not None and h in ax)
+
+
 class Sim:
     """Every node's chunk fetches, as the daemon runs them, in simulated time.
 
-    Per node: the load's chunk tasks, all decided when the fill starts (the fetcher's
-    ``_from_peers``: a whole-file holder, least in flight; else the owner, waiting while it
-    fills the file, WAIT_MAX a request, asked again for as long as it does; else partial
-    holders not filling the file, none here; else the origin), queued FIFO on ``workers``
-    origin workers and ``4 x peer_connections`` peer threads, ``peer_connections``
-    connections a peer; circuit
-    breakers; a request waiting at its owner holds a thread until its chunk lands there.
+    Per node: the load's chunk tasks, all started when the fill starts, each running the
+    fetcher's ``_from_peers`` loop for its chunk c of file f (``asked``: the nodes this chunk
+    asked already), each turn in this order:
+
+    1. a whole-file holder of f, not asked, breaker closed: the least in flight (random
+       ties); else the node whose watch reported reading c from the origin (its first copy;
+       the latest report), not asked, breaker closed: a plain request, the node then asked;
+    2. (the owner table made current first: ``owners_ready``) o = chunk_owner(c); if o is not
+       this node and not asked, and its record says it fills f (loading f, in view: a dead
+       node's record stands until its lease expires): (a) o's breaker closed: c waits for
+       o's report, holding no thread (``_await_report``: c is registered on o, a watch of o
+       started if this node has none running; at most WAIT_MAX, then a new turn); (b) o's
+       breaker open: a new turn in 1 s, for at most the grace (OWNER_GRACE, 2 x lease_ttl at
+       least) from the first turn in a row that found it open; then on to 3. An owner asked
+       already (it reported c and was asked for it) whose breaker is open (the request
+       failed: it died) is waited for alike, (b); one whose breaker is closed (it answered
+       "not held", or its breaker closed again) is passed over: 3;
+    3. partial holders' Have (only nodes holding part of f and not filling it: none here);
+       else the origin.
+
+    The watches (``_watch``): one a (node, owner) while chunks here are registered on that
+    owner (a chunk stays registered until its fetch ends: a woken chunk queued for a transfer
+    keeps it); each poll is answered with the owner's first copies (the chunks it read from
+    the origin: its log) past the watcher's position, as soon as there is one; a new watch
+    gets the whole log. A report sets the chunk's reporter and wakes it, if the chunk is
+    registered here (on whichever owner). A watch whose poll fails (its owner died) trips
+    the owner's breaker and wakes every chunk waiting on it, then ends; the next chunk to wait
+    on that owner starts it again (failing again, tripping the breaker again, while the
+    owner is dead).
+    Plain requests queue on ``4 x peer_connections`` transfer threads, each free thread
+    taking a uniformly random queued one (``_RandomOrderExecutor``),
+    ``peer_connections`` connections a peer (a request waiting for one holds its thread), and
+    are all the threads carry; origin reads queue FIFO on ``workers`` origin workers.
+    Breakers: BREAKER_BASE doubling to BREAKER_MAX.
+
+    Time: a report reaches the watchers one peer latency after the chunk landed; a watch's
+    first answer (or failure) one latency after it starts; a request to a dead node fails in
+    one latency. Re-evaluation: the daemon's waiting chunk takes a new turn every WAIT_MAX;
+    here only where the outcome can change: a report or a failed watch (at once); the owner
+    table changing (computed at most once a simulated second, the turns needing the owners
+    meanwhile waiting for it, as ``owners_ready`` does): chunks waiting on an owner that is
+    not theirs now take a turn at now + uniform(0, WAIT_MAX); f's first whole-file holder
+    appearing: f's waiting chunks likewise.
+
     Links: the origin processor-shared among its reads (exact); each node's link full duplex,
     each transfer at min(up / transfers up, down / transfers down), a fluid model stepped
-    every ``dt`` with exact completion times within a step."""
+    every ``dt`` with exact completion times within a step.
+
+    Memory, at 1,000 nodes x ~10,400 chunks: per (node, chunk) four int32 (its state, the
+    owner it is registered on, its reporter, the first node it asked) and a float64 (when it
+    landed), flat arrays with numpy views for the scans (a report's watchers, a kill's
+    waiters, a new table's); per (node, owner) its registered chunks and its watch."""
 
     def __init__(self, p: SimParams, model: Model) -> None:
         self.p = p
@@ -297,16 +384,35 @@ class Sim:
         C = self.C = model.chunks
         self.P = p.peer_threads
         self.dt = p.dt or model.manifest.chunk_size / p.node_bps
+        self.grace = max(OWNER_GRACE, 2 * p.ttl)
         # the view (etcd's, as every node sees it: propagation not modelled)
         self.alive = bytearray([1]) * T
         self.inview = bytearray([1]) * T
         self.loading = bytearray(T)
         nf = len(model.counts)
         self.holders: list[set[int]] = [set(self.warm) for _ in range(nf)]
-        zeros = array.array("d", [0.0]) * C
-        self.landed: list[array.array[float]] = [zeros] * T
-        for n in self.loaders:
-            self.landed[n] = array.array("d", [INF]) * C
+        # per (node, chunk), at node x C + chunk: flat arrays, and numpy views of them
+        self.ST = array.array("i", [HELD]) * (T * C)  # the chunk's fetch: its state
+        self.REG = array.array("i", [-1]) * (T * C)  # the owner it is registered on
+        self.REP = array.array("i", [-1]) * (T * C)  # the node that reported it
+        self.ASK = array.array("i", [-1]) * (T * C)  # the first node it asked
+        self.LANDED = array.array("d", [0.0]) * (T * C)  # when it landed there
+        self.st2 = np.frombuffer(self.ST, dtype=np.int32).reshape(T, C)
+        self.reg2 = np.frombuffer(self.REG, dtype=np.int32).reshape(T, C)
+        landed2 = np.frombuffer(self.LANDED, dtype=np.float64).reshape(T, C)
+        self.st2[self.loaders] = NEW
+        landed2[self.loaders] = INF
+        self.askedx: dict[int, set[int]] = {}  # node x C + chunk -> the others it asked
+        self.gsince: dict[int, float] = {}  # ... -> the first turn in a row its owner failed
+        # per (node, owner), at node x T + owner: chunks registered, the watch (1 running,
+        # 2 ending: nothing registered, its last poll out until a report or wend)
+        self.WC = array.array("i", [0]) * (T * T)
+        self.WT = bytearray(T * T)
+        self.wc2 = np.frombuffer(self.WC, dtype=np.int32).reshape(T, T)
+        self.wt2 = np.frombuffer(self.WT, dtype=np.uint8).reshape(T, T)
+        self.wend: dict[int, float] = {}
+        self.wclosed: list[dict[int, float]] = [{} for _ in range(T)]  # watcher -> last used
+        self.log: list[list[int]] = [[] for _ in range(T)]  # each node's first copies
         self.file_left: list[list[int]] = [[] for _ in range(T)]
         self.remaining = [0] * T
         self.done = [INF] * T
@@ -315,27 +421,22 @@ class Sim:
         self.served = [0] * T
         self.last_active = [0.0] * T  # the last transfer it took part in
         self.timeline: list[tuple[float, int, str, int]] = []
-        # per node: the fetcher's state
-        self.pq: list[deque[tuple[Any, ...]]] = [deque() for _ in range(T)]
-        self.cursor: list[int | None] = [None] * T  # the cold start's initial queue, lazily
+        # per node: the fetcher's pools
+        self.pq: list[list[int]] = [[] for _ in range(T)]  # chunk << 16 | peer: random order
         self.oq: list[deque[int]] = [deque() for _ in range(T)]
-        self.ocursor: list[int] = [0] * T
-        self.own: list[list[int]] = [[] for _ in range(T)]  # initial origin queue (cold)
         self.ofree = [p.workers] * T
         self.free: list[list[int]] = [list(range(n * self.P, (n + 1) * self.P)) for n in range(T)]
         self.inflight: list[dict[int, int]] = [{} for _ in range(T)]
         self.pick_heap: list[list[tuple[int, float, int]] | None] = [None] * T
         self.breakers: list[dict[int, list[float]]] = [{} for _ in range(T)]
-        self.asked: list[dict[int, set[int]]] = [{} for _ in range(T)]
         self.conns: list[dict[int, int]] = [{} for _ in range(T)]
         self.connwait: list[dict[int, deque[int]]] = [{} for _ in range(T)]
-        self.waiters: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(T)]
         self.clients: list[dict[int, float]] = [{} for _ in range(T)]  # client -> last ask
         self.peak_clients = 0
+        self.peak_connections = 0
         # threads (tid = node x P + k) and their transfers (the fluid model's arrays)
         NT = T * self.P
-        self.titem: list[tuple[Any, ...] | None] = [None] * NT
-        self.token = [0] * NT
+        self.titem: list[int] = [-1] * NT
         self.f_active = np.zeros(NT, dtype=bool)
         self.f_rem = np.zeros(NT)
         self.f_from = np.zeros(NT)
@@ -346,11 +447,14 @@ class Sim:
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.counters: Counter[str] = Counter()
+        self.trace: list[dict[str, float]] = []
+        self.t0 = 0.0
         self.table_seconds: list[float] = []
         self.table_dirty = False  # the members changed since the table was computed
         self.table_at = -INF
+        self.table_due = INF  # when the next computation is scheduled
         self.table: list[int] = []
-        self.table0: list[int] = []
+        self.first_table: list[str] = []
         self.members: list[str] = []
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -365,12 +469,42 @@ class Sim:
         self.members = [
             self.names[i] for i in range(self.total) if self.inview[i] and self.loading[i]
         ]
-        self.table_dirty, self.table_at = False, now
+        self.table_dirty, self.table_at, self.table_due = False, now, INF
         started = time.perf_counter()
         names = owner_table(self.m.vid, self.C, [(n, 1.0) for n in self.members])
         self.table_seconds.append(time.perf_counter() - started)
         index = self.index
         self.table = [index[n] for n in names]
+
+    def members_changed(self, now: float) -> None:
+        """A lease expired or a node's fills ended: the table is computed again (at most once
+        a simulated second; every node recomputes it on each change, ~0.2 s at 1,000)."""
+        self.table_dirty = True
+        if self.table_due == INF:
+            self.table_due = max(now, self.table_at + 1.0)
+            self.push(self.table_due, E_TABLE)
+
+    def update_table(self, now: float) -> None:
+        """The new table. Chunks waiting on an owner that is not theirs now take a turn
+        within WAIT_MAX (those in a grace have theirs within a second)."""
+        old = self.table
+        self.compute_table(now)
+        new = self.table
+        if not old or not new:
+            return
+        changed = np.flatnonzero(np.asarray(old) != np.asarray(new))
+        if not changed.size:
+            return
+        waiting = self.st2[:, changed] == WAITING
+        cols = np.flatnonzero(waiting.any(axis=0))
+        C, T, WT, REG = self.C, self.total, self.WT, self.REG
+        for k in cols.tolist():
+            c = int(changed[k])
+            for n in np.flatnonzero(waiting[:, k]).tolist():
+                o = REG[n * C + c]
+                if o != new[c] and WT[n * T + o]:
+                    self.push(now + self.rng.uniform(0, WAIT_MAX), E_DECIDE, n, c)
+                    self.counters["turns: owner changed"] += 1
 
     def inc(self, n: int, h: int, d: int) -> None:
         inf = self.inflight[n]
@@ -392,56 +526,198 @@ class Sim:
 
     # -- the policy: ChunkFetcher._from_peers --------------------------------------------------
     def decide(self, n: int, c: int, now: float) -> None:
+        """One turn of _from_peers for chunk c at node n (new, woken, its wait or grace
+        over, its request failed)."""
+        C = self.C
+        i = n * C + c
         f = self.m.file_of[c]
-        asked = self.asked[n].get(c)
-        H = self.holders[f]
-        if H:
-            h = self.pick_holder(n, H, asked, now)
-            if h >= 0:
-                self.ask(n, c, h)
-                self.submit(n, (c, h, 0.0, now), now)
-                self.counters["asked a holder"] += 1
-                return
-        # owners_ready(): the table follows the members (at most once a simulated second:
-        # every node recomputes it on each change, in a worker thread)
-        if self.table_dirty and now >= self.table_at + 1.0:
-            self.compute_table(now)
-        o = self.table[c] if self.table else n  # chunk_owner: us, if no table
-        # state(o, f).loading: its record says it fills file f (a member loading the version,
-        # f not complete there yet); a dead node's record stands until its lease expires.
-        if (
-            o != n
-            and (asked is None or o not in asked)
-            and self.closed(n, o, now)
-            and self.inview[o]
-            and self.loading[o]
-            and self.file_left[o][f] > 0
-        ):  # wait_for_owner (a load's fetch): WAIT_MAX a request, no deadline
-            self.submit(n, (c, o, WAIT_MAX, now), now)
-            self.counters["waited at the owner"] += 1
+        ASK, ST = self.ASK, self.ST
+        while True:
+            a1, ax = ASK[i], self.askedx.get(i)
+            # 1. a whole-file holder, least in flight; else the node that reported it
+            H = self.holders[f]
+            h = self.pick_holder(n, H, a1, ax, now) if H else -1
+            kind = "asked a holder"
+            if h < 0:
+                x = self.REP[i]
+                if x >= 0 and not _was_asked(a1, ax, x) and self.closed(n, x, now):
+                    h, kind = x, "asked a reporter"
+            if h < 0:
+                break
+            self.ask(i, h)
+            if not self.inview[h]:  # _from_peer: no address (its record went): tripped
+                self.trip(n, h, now)
+                continue
+            self.counters[kind] += 1
+            ST[i] = ASKING
+            self.inc(n, h, 1)
+            self.pq[n].append(c << 16 | h)
+            self.pump(n, now)
             return
-        # _partial_holder(): Have is asked only of nodes holding part of the file and not
-        # filling it (a share prefetch's). Here every node fills the whole version from its
-        # start until each file completes, so there are none: the origin.
+        # owners_ready(): a table older than the members is computed again first
+        if self.table_dirty:
+            if now < self.table_at + 1.0:
+                ST[i] = DEFER
+                self.push(self.table_at + 1.0, E_DECIDE, n, c)
+                self.counters["turns waiting for the owner table"] += 1
+                return
+            self.update_table(now)
+        # 2. the owner, while its record says it fills f (wait_for_owner: a load's fetch)
+        o = self.table[c] if self.table else n  # chunk_owner: us, if no table
+        asked = o != n and _was_asked(ASK[i], self.askedx.get(i), o)
+        # asked already and failed (breaker open): waited for in the grace, as in (b)
+        failed = asked and not self.closed(n, o, now)
+        if o != n and (not asked or failed):
+            if self.inview[o] and self.loading[o] and self.file_left[o][f] > 0:
+                if not failed and self.closed(n, o, now):
+                    self.gsince.pop(i, None)
+                    self.await_report(n, c, i, o, now)
+                    return
+                since = self.gsince.setdefault(i, now)
+                if now - since < self.grace:
+                    if ST[i] != GRACE:
+                        self.counters["grace waits"] += 1
+                        if failed:
+                            self.counters["grace waits: owner asked, failed"] += 1
+                    ST[i] = GRACE
+                    self.push(now + 1.0, E_DECIDE, n, c)
+                    return
+                self.counters["origin reads: grace over"] += 1
+        elif asked:
+            self.counters["origin reads: owner asked already"] += 1
+        # 3. _partial_holder(): Have is asked only of nodes holding part of the file and not
+        # filling it (a share prefetch's): none here. Else the origin.
+        self.finish(n, c, i, now)
+        ST[i] = READING
         self.counters["origin reads"] += 1
         self.oq[n].append(c)
         self.pump_origin(n, now)
 
-    def ask(self, n: int, c: int, h: int) -> None:
-        a = self.asked[n].get(c)
-        if a is None:
-            self.asked[n][c] = {h}
-        else:
-            a.add(h)
+    def await_report(self, n: int, c: int, i: int, o: int, now: float) -> None:
+        """_await_report: c registered on o (a watch of o started unless one is running: a
+        failed one is started again), waiting for a report, at most WAIT_MAX."""
+        T = self.total
+        r = self.REG[i]
+        if r >= 0 and r != o:  # its owner changed
+            self.unregister(n, i, r, now)
+            r = -1
+        j = n * T + o
+        if r < 0:
+            self.REG[i] = o
+            self.WC[j] += 1
+        if self.WT[j] == 0:  # no watch running (none yet, or it failed): one starts
+            self.wclosed[o].pop(n, None)
+            self.counters["watches started"] += 1
+            kind = E_WATCH if self.alive[o] else E_WFAIL
+            self.push(now + self.p.peer_latency, kind, n, o)
+        self.WT[j] = 1  # an ending one goes on
+        if self.ST[i] != WAITING:
+            self.counters["watch waits"] += 1
+        self.ST[i] = WAITING
 
-    def pick_holder(self, n: int, H: set[int], asked: set[int] | None, now: float) -> int:
+    def unregister(self, n: int, i: int, o: int, now: float) -> None:
+        self.REG[i] = -1
+        j = n * self.total + o
+        k = self.WC[j] - 1
+        self.WC[j] = k
+        if k == 0 and self.WT[j]:  # the watch ends after its current poll
+            self.WT[j] = 2
+            self.wend[j] = now + WAIT_MAX
+            self.wclosed[o][n] = now + WAIT_MAX
+
+    def finish(self, n: int, c: int, i: int, now: float) -> None:
+        """_from_peers returns (the chunk, or None: the origin): its registration ends."""
+        r = self.REG[i]
+        if r >= 0:
+            self.unregister(n, i, r, now)
+        self.REP[i] = -1
+        if self.gsince:
+            self.gsince.pop(i, None)
+
+    def ask(self, i: int, h: int) -> None:
+        a1 = self.ASK[i]
+        if a1 < 0:
+            self.ASK[i] = h
+        elif a1 != h:
+            self.askedx.setdefault(i, set()).add(h)
+
+    def deliver(self, n: int, c: int, x: int, now: float) -> None:
+        """x's watch at n reports c: its reporter, and a turn if it waits."""
+        i = n * self.C + c
+        if self.REG[i] < 0:  # not registered here (no _Wait): ignored
+            return
+        self.REP[i] = x
+        self.counters["reports"] += 1
+        if self.ST[i] == WAITING:
+            self.ST[i] = NEW
+            self.counters["waiters woken"] += 1
+            self.decide(n, c, now)
+
+    def report(self, c: int, x: int, now: float) -> None:
+        """x read c from the origin: every watch of x is answered."""
+        if not self.alive[x]:
+            return  # dead before it answered: its watchers saw the watch fail instead
+        T, WT = self.total, self.WT
+        col = self.wt2[:, x]
+        ending = np.flatnonzero(col == 2).tolist()
+        watching = np.flatnonzero((col > 0) & (self.reg2[:, c] >= 0)).tolist()
+        for n in ending:  # an ending watch's last poll: answered, then it ends
+            j = n * T + x
+            WT[j] = 0
+            self.wclosed[x][n] = now
+            if self.wend.pop(j, INF) < now:
+                watching = [m for m in watching if m != n]  # over before: answered nothing
+        alive = self.alive
+        for n in watching:
+            if alive[n]:
+                self.deliver(n, c, x, now)
+
+    def watch_started(self, n: int, o: int, now: float) -> None:
+        """A new watch's first answer: o's whole log."""
+        if not self.WT[n * self.total + o] or not self.alive[n]:
+            return
+        for c in self.log[o]:
+            self.deliver(n, c, o, now)
+
+    def watch_failed(self, n: int, o: int, now: float) -> None:
+        """n's watch of o failed (o is dead): o's breaker trips at n, and every chunk waiting
+        on o there takes a turn; the watch ends."""
+        j = n * self.total + o
+        if not self.WT[j] or not self.alive[n]:
+            return
+        self.WT[j] = 0
+        self.wclosed[o][n] = now
+        self.trip(n, o, now)
+        self.counters["watches failed"] += 1
+        C = self.C
+        ST = self.ST
+        row = np.flatnonzero((self.reg2[n] == o) & (self.st2[n] == WAITING)).tolist()
+        for c in row:
+            if ST[n * C + c] == WAITING:
+                ST[n * C + c] = NEW
+                self.decide(n, c, now)
+
+    def holders_appeared(self, f: int, now: float) -> None:
+        """f's first whole-file holder: f's chunks waiting take a turn within WAIT_MAX (those
+        in a grace have theirs within a second)."""
+        lo = self.m.first[f]
+        hi = lo + self.m.counts[f]
+        ns, cs = np.nonzero(self.st2[:, lo:hi] == WAITING)
+        C, T, REG, WT = self.C, self.total, self.REG, self.WT
+        for n, k in zip(ns.tolist(), cs.tolist(), strict=True):
+            c = lo + k
+            if WT[n * T + REG[n * C + c]]:
+                self.push(now + self.rng.uniform(0, WAIT_MAX), E_DECIDE, n, c)
+                self.counters["turns: a holder appeared"] += 1
+
+    def pick_holder(self, n: int, H: set[int], a1: int, ax: set[int] | None, now: float) -> int:
         """min(holders, key=(in flight, random)) over holders not asked, breaker closed."""
         inf = self.inflight[n]
         br = self.breakers[n]
         if len(H) <= 64:
             best, ties = 1 << 60, []
             for h in H:
-                if h == n or (asked is not None and h in asked):
+                if h == n or _was_asked(a1, ax, h):
                     continue
                 b = br.get(h)
                 if b is not None and b[1] > now:
@@ -466,7 +742,7 @@ class Sim:
                 heapq.heappop(heap)  # stale
                 continue
             b = br.get(h)
-            if h not in H or (asked is not None and h in asked) or (b is not None and b[1] > now):
+            if h not in H or _was_asked(a1, ax, h) or (b is not None and b[1] > now):
                 aside.append(heapq.heappop(heap))
                 continue
             found = h
@@ -476,85 +752,100 @@ class Sim:
         return found
 
     # -- pools, connections, requests ----------------------------------------------------------
-    def submit(self, n: int, item: tuple[int, int, float, float], now: float) -> None:
-        """A chunk request (chunk, peer, wait, when asked) into the node's peer pool (FIFO)."""
-        self.inc(n, item[1], 1)
-        self.pq[n].append(item)
-        self.pump(n, now)
-
-    def next_item(self, n: int) -> tuple[int, int, float, float] | None:
-        cur = self.cursor[n]
-        if cur is not None:
-            tab, C = self.table0, self.C
-            while cur < C and tab[cur] == n:
-                cur += 1
-            if cur < C:
-                self.cursor[n] = cur + 1
-                return (cur, tab[cur], WAIT_MAX, self.t0)
-            self.cursor[n] = None
-        q = self.pq[n]
-        return q.popleft() if q else None
-
     def pump(self, n: int, now: float) -> None:
+        """The node's transfer threads take plain requests (chunk << 16 | peer), a uniformly
+        random one each time (``_RandomOrderExecutor``: swap with the last, pop)."""
         free = self.free[n]
+        q = self.pq[n]
         cn = self.conns[n]
         cap = self.p.connections
         titem = self.titem
-        while free:
-            item = self.next_item(n)
-            if item is None:
-                return
+        rand = random.random
+        while free and q:
+            k = int(rand() * len(q))
+            item = q[k]
+            q[k] = q[-1]
+            q.pop()
             tid = free.pop()
             titem[tid] = item
-            target = item[1]
+            target = item & 0xFFFF
             k = cn.get(target, 0)
             if k >= cap:  # TcpPeerClient._acquire blocks, holding the thread
                 self.connwait[n].setdefault(target, deque()).append(tid)
                 continue
             cn[target] = k + 1
-            if self.alive[target] and self.landed[target][item[0]] <= now:
+            c = item >> 16
+            if self.alive[target] and self.LANDED[target * self.C + c] <= now:
                 self.clients[target][n] = now
-                self.start_flow(tid, target, item[0], now)  # the common case, inline
+                self.start_flow(tid, target, c, now)  # the common case, inline
             else:
                 self.go(tid, now)
 
     def go(self, tid: int, now: float) -> None:
         """The request is on the wire (a connection held)."""
         item = self.titem[tid]
-        assert item is not None
-        c, target, wait, _ = item
+        c, target = item >> 16, item & 0xFFFF
         lat = self.p.peer_latency
         if not self.alive[target]:
             self.push(now + lat, E_FAIL, tid)
             return
         self.clients[target][tid // self.P] = now
-        if self.landed[target][c] <= now:
+        if self.LANDED[target * self.C + c] <= now:
             self.start_flow(tid, target, c, now)
             return
-        if wait > 0:  # the owner holds the request until the chunk lands (ChunkTable.open_chunk)
-            tok = self.token[tid] = self.token[tid] + 1
-            self.waiters[target].setdefault(c, []).append((tid, tok))
-            self.push(now + min(wait, MAX_WAIT), E_EXPIRE, tid, tok)
-            return
-        self.push(now + lat, E_MISS, tid)
+        self.push(now + lat, E_MISS, tid)  # it does not hold c: no fault of the peer's
 
     def sample_clients(self, now: float) -> None:
-        """Distinct clients a server talked to within IDLE_TIMEOUT, at a sample of servers:
-        each holds at least one connection there (a client keeps its idle connections; the
-        server closes them after IDLE_TIMEOUT)."""
+        """Connections at a sample of servers: one per client that asked within IDLE_TIMEOUT
+        (a client keeps its idle connections; the server closes them after IDLE_TIMEOUT), at
+        least, and one per watch (a watch connection per (watcher, version, server)) running
+        or last used within IDLE_TIMEOUT."""
+        alive = self.alive
         for s in random.sample(range(self.total), min(self.total, 32)):
             seen = self.clients[s]
-            stale = [c for c, t in seen.items() if t < now - IDLE_TIMEOUT]
-            for c in stale:
+            for c in [c for c, t in seen.items() if t < now - IDLE_TIMEOUT]:
                 del seen[c]
-            self.peak_clients = max(self.peak_clients, len(seen))
+            closed = self.wclosed[s]
+            for c in [c for c, t in closed.items() if t < now - IDLE_TIMEOUT]:
+                del closed[c]
+            watchers = {n for n in np.flatnonzero(self.wt2[:, s]).tolist() if alive[n]}
+            watchers.update(closed)
+            self.peak_clients = max(self.peak_clients, len(watchers | seen.keys()))
+            self.peak_connections = max(self.peak_connections, len(seen) + len(watchers))
+
+    def sample_trace(self, now: float) -> None:
+        """The cluster's state now (every TRACE_EVERY simulated seconds, into the JSON):
+        where the loading nodes' time goes."""
+        self.origin._advance(now)
+        idx = np.flatnonzero(self.f_active)
+        loaders = [n for n in self.loaders if self.alive[n] and self.remaining[n] > 0]
+        up = np.bincount(self.f_src[idx], minlength=self.total)
+        down = np.bincount(self.f_dst[idx], minlength=self.total)
+        st = self.st2[loaders] if loaders else self.st2[:0]
+        counts = {k: int(np.count_nonzero(st == v)) for k, v in STATES.items()}
+        rate = self.p.node_bps / np.maximum(up[self.f_src[idx]], down[self.f_dst[idx]])
+        self.trace.append(
+            {
+                "t": now - self.t0,
+                "loading": len(loaders),
+                "held_mean": counts["held"] / max(1, len(loaders)),
+                **{f"chunks_{k}": v for k, v in counts.items() if k != "held"},
+                "transfers": int(idx.size),
+                "uploading_nodes": int(np.count_nonzero(up)),
+                "uploads_max": int(up.max()) if idx.size else 0,
+                "downloading_nodes": int(np.count_nonzero(down)),
+                "peer_gbit_s": float(rate.sum()) * 8e-9,
+                "origin_reads": self.origin.n,
+                "origin_busy_s": self.origin.busy,
+                "queued_requests": sum(len(self.pq[n]) for n in loaders),
+                "first_copies": sum(len(x) for x in self.log),
+            }
+        )
 
     def release(self, tid: int, now: float) -> None:
         n = tid // self.P
-        item = self.titem[tid]
-        assert item is not None
-        target = item[1]
-        self.titem[tid] = None
+        target = self.titem[tid] & 0xFFFF
+        self.titem[tid] = -1
         cn = self.conns[n]
         cn[target] -= 1
         cw = self.connwait[n]
@@ -574,15 +865,9 @@ class Sim:
         self.f_serial[tid] += 1
 
     def pump_origin(self, n: int, now: float) -> None:
-        q, own = self.oq[n], self.own[n]
-        while self.ofree[n] > 0:
-            if self.ocursor[n] < len(own):
-                c = own[self.ocursor[n]]
-                self.ocursor[n] += 1
-            elif q:
-                c = q.popleft()
-            else:
-                return
+        q = self.oq[n]
+        while self.ofree[n] > 0 and q:
+            c = q.popleft()
             self.ofree[n] -= 1
             self.push(now + self.p.origin_latency, E_ORIGIN, n, c)
 
@@ -590,8 +875,7 @@ class Sim:
     def flow_done(self, tid: int, now: float) -> None:
         n = tid // self.P
         item = self.titem[tid]
-        assert item is not None
-        c, s = item[0], item[1]
+        c, s = item >> 16, item & 0xFFFF
         self.f_active[tid] = False
         size = self.m.sizes[c]
         self.served[s] += size
@@ -609,31 +893,33 @@ class Sim:
             if b is not None and b[1] <= now:
                 del br[s]
         self.release(tid, now)
-        self.landed_at(n, c, now)
+        self.landed_at(n, c, now, first=False)
 
-    def landed_at(self, n: int, c: int, now: float) -> None:
-        self.landed[n][c] = now
+    def landed_at(self, n: int, c: int, now: float, *, first: bool) -> None:
+        i = n * self.C + c
+        self.LANDED[i] = now
+        self.finish(n, c, i, now)
+        self.ST[i] = HELD
         self.last_active[n] = now
-        ws = self.waiters[n].pop(c, None)
-        if ws:
-            token = self.token
-            for tid, tok in ws:
-                if token[tid] == tok:
-                    token[tid] = tok + 1
-                    self.start_flow(tid, n, c, now)
+        if first:  # read from the origin here: a first copy, in its log, its watches told
+            self.log[n].append(c)
+            self.push(now + self.p.peer_latency, E_REPORT, c, n)
+            self.counters["first copies"] += 1
         f = self.m.file_of[c]
         left = self.file_left[n]
         if left[f] == self.m.counts[f]:
             self.timeline.append((now, n, "p", f))  # chunk_held: the file is partly held
         left[f] -= 1
         if left[f] == 0:  # file_complete, and its fill's end_loading
+            if not self.holders[f]:
+                self.holders_appeared(f, now)
             self.holders[f].add(n)
             self.timeline.append((now, n, "c", f))
         self.remaining[n] -= 1
         if self.remaining[n] == 0:  # fills nothing now, holds whole files: not a member
             self.done[n] = now
             self.loading[n] = 0
-            self.table_dirty = True
+            self.members_changed(now)
             self.timeline.append((now, n, "e", -1))
             self.left -= 1
 
@@ -641,16 +927,13 @@ class Sim:
         """The request came back without the chunk: _from_peers loops."""
         n = tid // self.P
         item = self.titem[tid]
-        assert item is not None
-        c, target, wait, asked_at = item
+        c, target = item >> 16, item & 0xFFFF
         self.inc(n, target, -1)
         if failed:
             self.trip(n, target, now)
         self.release(tid, now)
-        if wait > 0 and now - asked_at < WAIT_MAX / 2:  # the owner answered early: a pause
-            self.push(now + EARLY_PAUSE, E_DECIDE, n, c)
-        else:
-            self.decide(n, c, now)
+        self.ST[n * self.C + c] = NEW
+        self.decide(n, c, now)
 
     def kill(self, k: int, now: float) -> None:
         self.alive[k] = 0
@@ -658,17 +941,14 @@ class Sim:
         for tid in np.flatnonzero(self.f_active & (self.f_src == k)).tolist():
             self.f_active[tid] = False  # transfers from it: the connection drops
             self.push(now, E_FAIL, int(tid))
-        for ws in self.waiters[k].values():
-            for tid, tok in ws:
-                if self.token[tid] == tok:
-                    self.token[tid] = tok + 1
-                    self.push(now, E_FAIL, tid)
-        self.waiters[k].clear()
         lo, hi = k * self.P, (k + 1) * self.P
         self.f_active[lo:hi] = False
-        for tid in range(lo, hi):
-            self.token[tid] += 1
         self.origin.kill(now, k)
+        self.wt2[k] = 0  # its own watches end with it
+        # Its watches' polls fail at once: at every node watching it, its breaker trips and
+        # the chunks waiting on it take a turn (landing in the grace: its record stands).
+        for n in np.flatnonzero(self.wt2[:, k]).tolist():
+            self.watch_failed(n, k, now)
         if self.remaining[k] > 0 and k in self.loader_set:
             self.left -= 1
         self.push(now + self.p.ttl, E_LEASE, k)
@@ -679,7 +959,7 @@ class Sim:
         self.loading[k] = 0
         for f in range(len(self.holders)):
             self.holders[f].discard(k)
-        self.table_dirty = True
+        self.members_changed(now)
 
     # -- the run -------------------------------------------------------------------------------
     def start(self, n: int, now: float) -> None:
@@ -707,15 +987,18 @@ class Sim:
         for n in self.loaders:  # all begin at once: members of each other's tables
             self.loading[n] = 1
         self.compute_table(0.0)
-        self.table0 = self.table
+        self.first_table = [self.names[i] for i in self.table]
         self.first_members = self.members
         # A cold fill sleeps 3 publish intervals (others announce themselves), then computes
         # the owner table; a warm cluster's does not wait.
         t0 = self.table_seconds[0] + (3 * p.publish_interval if not self.warm else 0.0)
         ideal = self.ideal()
-        for n in self.loaders:
-            self.push(t0, E_START, n)
-        self.push(t0 + 10.0, E_SAMPLE)
+        if self.warm:
+            for n in self.loaders:
+                self.push(t0, E_START, n)
+        else:
+            self.push(t0, E_START, -1)  # all at once
+        self.push(t0 + TRACE_EVERY, E_SAMPLE)
         candidates = self.loaders if not self.warm else list(range(self.total))
         kills = max(1, round(p.kill_fraction * len(candidates))) if p.kill_fraction > 0 else 0
         victims = sorted(self.rng.sample(candidates, kills))
@@ -793,7 +1076,7 @@ class Sim:
                     n, c = origin.pop(to)
                     self.ofree[n] += 1
                     self.origin_bytes[n] += self.m.sizes[c]
-                    self.landed_at(n, c, to)
+                    self.landed_at(n, c, to, first=True)
                     self.pump_origin(n, to)
                 else:
                     _, _, kind, a, b = heapq.heappop(heap)
@@ -801,6 +1084,7 @@ class Sim:
             t = t_next
         self.counters["fluid steps"] = steps
         self.sample_clients(t)
+        self.sample_trace(t)
         return SimResult(
             params=p,
             total_nodes=self.total,
@@ -816,9 +1100,11 @@ class Sim:
             active=[(t0, x) for x in self.last_active],
             table_seconds=self.table_seconds,
             first_members=self.first_members,
-            first_table=[self.names[i] for i in self.table0],
+            first_table=self.first_table,
             peak_clients=self.peak_clients,
+            peak_connections=self.peak_connections,
             counters=dict(self.counters),
+            trace=self.trace,
             wall_s=time.perf_counter() - wall,
             sim_end=t,
             stopped=stopped,
@@ -828,57 +1114,71 @@ class Sim:
         if kind == E_ORIGIN:
             if self.alive[a]:
                 self.origin.add(now, a, b, self.m.sizes[b])
-        elif kind == E_EXPIRE:
-            if self.token[a] != b:
-                return
-            self.token[a] = b + 1
-            item = self.titem[a]
-            assert item is not None
-            c, target, _, _ = item
-            ws = self.waiters[target].get(c)
-            if ws is not None:
-                ws.remove((a, b))
-                if not ws:
-                    del self.waiters[target][c]
-            self.counters["owner waits expired"] += 1
-            self.retry(a, now, failed=False)
+        elif kind == E_REPORT:
+            self.report(a, b, now)
         elif kind in (E_MISS, E_FAIL):
-            if self.alive[a // self.P] and self.titem[a] is not None:
+            if self.alive[a // self.P] and self.titem[a] >= 0:
                 self.retry(a, now, failed=kind == E_FAIL)
+        elif kind == E_DECIDE:  # a turn: a wait or grace over, the owner table ready
+            if self.alive[a] and self.ST[a * self.C + b] in (WAITING, GRACE, DEFER):
+                self.decide(a, b, now)
+        elif kind == E_WATCH:
+            self.watch_started(a, b, now)
+        elif kind == E_WFAIL:
+            self.watch_failed(a, b, now)
+        elif kind == E_TABLE:
+            if self.table_dirty:
+                if now >= self.table_at + 1.0:
+                    self.update_table(now)
+                else:
+                    self.table_due = INF
+                    self.members_changed(now)
         elif kind == E_KILL:
             self.kill(a, now)
         elif kind == E_LEASE:
             self.lease_expired(a, now)
         elif kind == E_START:
-            self.start_load(a, now)
-        elif kind == E_DECIDE:
-            if self.alive[a]:
-                self.decide(a, b, now)
+            if a < 0:
+                self.start_cold(now)
+            else:
+                self.start_load(a, now)
         elif kind == E_SAMPLE:
             self.sample_clients(now)
+            self.sample_trace(now)
             if self.left > 0:
-                self.push(now + 10.0, E_SAMPLE)
+                self.push(now + TRACE_EVERY, E_SAMPLE)
 
     def start_load(self, n: int, now: float) -> None:
         self.start(n, now)
-        if not self.warm and not any(self.holders[f] for f in range(len(self.holders))):
-            # Cold: no holder, every owner loading: each chunk not ours waits at its owner
-            # (decided now, queued in index order), ours go to the origin. The same decisions
-            # as decide() makes, kept lazily (the queue is the chunk range).
-            if not getattr(self, "_cold_ready", False):
-                self._cold_ready = True
-                for c, o in enumerate(self.table0):
-                    self.own[o].append(c)
-                self.owned = Counter(self.table0)
-            self.cursor[n] = 0
-            self.inflight[n] = {o: k for o, k in self.owned.items() if o != n}
-            self.counters["waited at the owner"] += self.C - len(self.own[n])
-            self.counters["origin reads"] += len(self.own[n])
-            self.pump_origin(n, now)
-            self.pump(n, now)
-            return
         for c in range(self.C):
             self.decide(n, c, now)
+
+    def start_cold(self, now: float) -> None:
+        """Every node's load starts at once, nothing held anywhere: each chunk's first turn
+        at each node, in bulk. No holder, no reporter, every owner filling the whole version:
+        a chunk we own goes to the origin (queued in index order), every other one waits for
+        its owner's report, registered on it (a watch of each owner: none has a log yet)."""
+        for n in self.loaders:
+            self.start(n, now)
+        table, T, C = self.table, self.total, self.C
+        assert table and self.loaders == list(range(T))
+        tab = np.asarray(table, dtype=np.int32)
+        owned = np.bincount(tab, minlength=T).astype(np.int32)
+        self.reg2[:] = tab
+        self.st2[:] = WAITING
+        self.wc2[:] = owned
+        np.fill_diagonal(self.wc2, 0)
+        self.wt2[:] = owned > 0
+        np.fill_diagonal(self.wt2, 0)
+        for n in self.loaders:
+            mine = np.flatnonzero(tab == n)
+            self.reg2[n, mine] = -1
+            self.st2[n, mine] = READING
+            self.oq[n].extend(mine.tolist())
+            self.pump_origin(n, now)
+        self.counters["watch waits"] += T * C - C
+        self.counters["watches started"] += int(np.count_nonzero(self.wt2))
+        self.counters["origin reads"] += C
 
 
 # -- the directory's writes, scheduled from the simulated timeline -----------------------------
@@ -1695,9 +1995,11 @@ def summarize(r: SimResult, model: Model) -> dict[str, Any]:
         "chunks": model.chunks,
         "ownership_s_all": r.table_seconds,
         "peak_clients_per_server": r.peak_clients,
+        "peak_connections_per_server": r.peak_connections,
         "counters": r.counters,
         "sim_wall_s": r.wall_s,
         "sim_end_s": r.sim_end,
+        "trace": r.trace,
     }
 
 
@@ -1755,9 +2057,10 @@ def checks(s: dict[str, Any], files: int) -> list[tuple[str, bool, str]]:
     )
     out.append(
         (
-            f"(extra) peer clients at one server <= MAX_CONNECTIONS {MAX_CONNECTIONS}",
-            s["peak_clients_per_server"] <= MAX_CONNECTIONS,
-            f"{s['peak_clients_per_server']} within {IDLE_TIMEOUT:.0f}s",
+            f"(extra) peer connections at one server <= MAX_CONNECTIONS {MAX_CONNECTIONS}",
+            s["peak_connections_per_server"] <= MAX_CONNECTIONS,
+            f"{s['peak_connections_per_server']} (askers within {IDLE_TIMEOUT:.0f}s, one each,"
+            f" + watches; {s['peak_clients_per_server']} distinct clients)",
         )
     )
     return out
@@ -1806,6 +2109,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.nodes, args.model_gb, args.files, args.replay_min = "10", 2.0, 8, 5.0
+        # Its ideal (~1.6 s) is shorter than a lease: a dead owner's chunks wait for its
+        # lease to end (then a new owner), seconds whatever the model's size.
+        args.max_ratio = max(args.max_ratio, 20.0)
     model = make_model(int(args.model_gb * GB), args.files)
     rows, runs = [], []
     started = time.perf_counter()
@@ -1829,6 +2135,7 @@ def main() -> None:
             r = sim.run()
             s = summarize(r, model)
             print(f"N={n} {scenario}: simulated in {r.wall_s:.0f}s: {done_text(s)}", flush=True)
+            print("  " + ", ".join(f"{k} {v}" for k, v in r.counters.items()), flush=True)
             if not args.no_etcd:
                 s["etcd"] = replay(r, model, sim.names, args)
                 e = s["etcd"]
