@@ -23,10 +23,9 @@ def test_chaos_quick() -> None:
     if os.geteuid() != 0:
         pytest.skip("bench/chaos.py needs root (network namespaces, tmpfs mounts)")
     if os.environ.get("MOWS_CHAOS") != "1":
-        # Open findings of the chaos run break its cap invariant in some schedules: pins
-        # do not survive a daemon restart (a client still mapping a pool file the new
-        # daemon evicts) and a daemon's fd on an evicted file being served keeps its pages.
-        # Until they are fixed the run is not a reliable gate: MOWS_CHAOS=1 runs it.
+        # An open finding of the chaos run breaks its cap invariant in some schedules: a
+        # daemon's fd on an evicted file it is still sending to a peer keeps its pages.
+        # Until it is fixed the run is not a reliable gate: MOWS_CHAOS=1 runs it.
         pytest.skip("chaos run off by default until its open cap findings are fixed (MOWS_CHAOS=1)")
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), "--quick", "--seed", SEED],
