@@ -145,12 +145,26 @@ def _rot_one_byte(node: DaemonProcess) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def wait_published(holder: Any, viewer: Any, nbytes: int) -> None:
+    """The holder's records have reached the viewer: its NodeInfo, written a second or so
+    after its counters settle, after its holdings (200 ms after a load). Before that, a
+    viewer would be a co-owner of the files the holder's last record said it filled."""
+    hid = holder.status()["cluster"]["node_id"]
+
+    def seen() -> bool:
+        nodes = viewer.status()["cluster"]["nodes"]
+        return any(n["id"] == hid and n["used_bytes"] >= nbytes for n in nodes)
+
+    _wait(seen, timeout=15)
+
+
 def test_corrupt_peer_bytes_are_refetched(daemon_factory: Any, etcd: Any, tmp_path: Path) -> None:
     """A's pool copy rots after A vouched for it (digest computed at fill): B catches the
     chunk by its digest, counts it, and gets exactly that chunk from the origin."""
     model = make_random_model(tmp_path / "m", 16, files=1)
     a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
     load_all([a], model)
+    wait_published(a, b, 16 << 20)
     _rot_one_byte(a)
     with mows.open_model(model, socket=b.socket, fallback=False) as h:
         assert h.stats["bytes_from_origin"] == 2**20  # exactly the bad chunk, again

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from mows._protocol import recv_exact
 from mows.transport._wire import TAG_BYTES, ChunkHeader, PeerMessage
 from tests.crc_forge import crc_preserving_delta
 from tests.daemons import make_random_model
-from tests.integration.test_cluster import FAST, load_all
+from tests.integration.test_cluster import FAST, load_all, wait_published
 from tests.integration.test_daemon import _wait, assert_same_as_files
 
 _decode = msgspec.msgpack.Decoder(PeerMessage).decode
@@ -238,11 +237,7 @@ def test_encrypted_cluster_loads_from_peers(daemon_factory: Any, etcd: Any, tmp_
     b = daemon_factory(roots=[tmp_path], extra=common)
     _wait(lambda: len(b.status()["cluster"]["nodes"]) == 2, timeout=15)
     load_all([a], model)
-    # A publishes its holding within 200 ms of the load's end: before B's view has it, B
-    # would be a co-owner of the files A's last record said it filled, and read its share
-    # from the origin. A's status counts its own copies at once; the record follows.
-    _wait(lambda: min(a.status()["cluster"]["models"][0]["copies"]) == 1, timeout=10)
-    time.sleep(1.0)
+    wait_published(a, b, 12 << 20)
     with mows.open_model(model, socket=b.socket, fallback=False) as h:
         assert_same_as_files(h.state_dict(), model)
         assert h.stats["bytes_from_peers"] == h.stats["bytes"] > 0
