@@ -388,6 +388,13 @@ def test_a_failed_stream_releases_its_pins_at_once(daemon_factory: Any, tmp_path
             failed = True
         assert failed
         _wait(lambda: d.status()["pinned_bytes"] == 0, timeout=5)
+        # The witness: the space is there for another model, which evicts what the stream
+        # left (with the pins still held, a CapacityError at once).
+        other = make_random_model(tmp_path / "other", 16, files=2, seed=9)
+        started = time.monotonic()
+        with mows.open_model(other, socket=d.socket, fallback=False) as h:
+            assert_same_as_files(h.state_dict(), other)
+        assert time.monotonic() - started < 10
     finally:
         gc.enable()
 

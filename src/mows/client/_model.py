@@ -389,13 +389,8 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
         try:
             for i in range(len(order)):
                 assert pending is not None
-                fut, pending = pending, None
-                try:
-                    handle = fut.result()
-                finally:
-                    # No cycle (its exception -> traceback -> this frame -> the future -> the
-                    # exception) keeping the last file's tensors, and their pins, until a GC.
-                    del fut
+                handle = pending.result()
+                pending = None
                 with handle:
                     for item in handle.iter_weights():
                         yield item
@@ -405,11 +400,13 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
                             pending = ahead.submit(fetch, i + 1)
                 if pending is None and i + 1 < len(order):  # a file without tensors
                     pending = ahead.submit(fetch, i + 1)
-        except BaseException:
-            # The error's traceback keeps this frame: not the last tensor it yielded (whose
-            # mapping keeps its file's pin) once the caller is done with the tensor.
+        except Exception:
+            # The error's traceback keeps this frame (and cycles through it: the future that
+            # raised it): not the last tensor it yielded, whose mapping keeps its file's pin
+            # once the caller is done with the tensor. Not on GeneratorExit (a consumer that
+            # stops early): nothing holds the frame then, and a collection costs.
             item = handle = None  # type: ignore[assignment]
-            gc.collect()  # and cycles through the tensors the stream made: rare, and cheap
+            gc.collect()
             raise
         finally:
             if pending is not None and not pending.cancel():

@@ -181,7 +181,7 @@ class Pool:
             if not take:
                 return None
         if need > free:
-            victims = self._victims(keep)
+            victims = self._victims(keep, need - free)
             if need > free + sum(f.reserved for f in victims):
                 return None
             for f in victims:
@@ -252,25 +252,32 @@ class Pool:
     def _owns(self, f: PoolFile) -> bool:
         return f.version.files.get(f.rel) is f and self.versions.get(f.version.id) is f.version
 
-    def _victims(self, keep: Collection[PoolFile] = ()) -> list[PoolFile]:
+    def _victims(
+        self, keep: Collection[PoolFile] = (), enough: int | None = None
+    ) -> list[PoolFile]:
         """Evictable files in eviction order: superseded versions first, then copies other
-        nodes also hold, the cluster's last copies last; least recently used among equals."""
-        cands = [
-            f
-            for f in self.files()
-            if not f.locked
-            and f not in keep
-            and not (f.state is FileState.READY and _mapped_by_a_client(f.path))
-        ]
+        nodes also hold, the cluster's last copies last; least recently used among equals.
+        ``enough``: stop once the files listed free that many bytes (each candidate costs a
+        lock probe: only as many as needed are probed)."""
         last_copy = self.last_copy
-        return sorted(
-            cands,
+        cands = sorted(
+            (f for f in self.files() if not f.locked and f not in keep),
             key=lambda f: (
                 not f.version.superseded,
                 last_copy(f) if last_copy is not None else True,
                 f.last_used,
             ),
         )
+        out: list[PoolFile] = []
+        freed = 0
+        for f in cands:
+            if enough is not None and freed >= enough:
+                break
+            if f.state is FileState.READY and _mapped_by_a_client(f.path):
+                continue
+            out.append(f)
+            freed += f.reserved
+        return out
 
     def _evict(self, f: PoolFile) -> None:
         log.info("evicting %s/%s (%d bytes)", f.version.id, f.rel, f.size)
@@ -302,7 +309,7 @@ class Pool:
         self._remove(f)
 
     def shrink_to_capacity(self) -> None:
-        for f in self._victims():
+        for f in self._victims(enough=self.used_bytes - self.capacity):
             if self.used_bytes <= self.capacity:
                 break
             self._evict(f)
