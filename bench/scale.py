@@ -23,7 +23,8 @@ What is real, what is simulated, what is sampled:
   chunk tasks all start when its fills start (after a cold fill's 3 publish intervals):
   plain requests queue on ``4 x peer_connections`` transfer threads (all they carry), each
   free thread taking a uniformly random one (``_RandomOrderExecutor``),
-  ``peer_connections`` connections a peer; origin reads on ``workers`` origin workers;
+  ``peer_connections`` connections a peer; origin reads FIFO, ``origin_streams(workers,
+  members)`` at once (64 over the version's members, at most ``workers`` a node);
   circuit breakers (BREAKER_BASE doubling). The constants and the defaults are imported from
   the daemon, so the simulation follows the code.
 * Data moves as timed transfers on links, not bytes: the origin link shared fairly by every
@@ -110,7 +111,9 @@ from mows.daemon._fetcher import (  # noqa: E402
     BREAKER_BASE,
     BREAKER_MAX,
     OWNER_GRACE,
+    OWNER_RETRIES,
     WAIT_MAX,
+    origin_streams,
 )
 from mows.manifest import FileEntry, Manifest, chunk_count, version_id  # noqa: E402
 from mows.manifest._model import choose_chunk_size  # noqa: E402
@@ -344,7 +347,7 @@ class Sim:
     Plain requests queue on ``4 x peer_connections`` transfer threads, each free thread
     taking a uniformly random queued one (``_RandomOrderExecutor``),
     ``peer_connections`` connections a peer (a request waiting for one holds its thread), and
-    are all the threads carry; origin reads queue FIFO on ``workers`` origin workers.
+    are all the threads carry; origin reads queue FIFO, ``origin_streams`` at once.
     Breakers: BREAKER_BASE doubling to BREAKER_MAX.
 
     Time: a report reaches the watchers one peer latency after the chunk landed; a watch's
@@ -404,6 +407,7 @@ class Sim:
         landed2[self.loaders] = INF
         self.askedx: dict[int, set[int]] = {}  # node x C + chunk -> the others it asked
         self.gsince: dict[int, float] = {}  # ... -> the first turn in a row its owner failed
+        self.reasked: dict[int, int] = {}  # ... -> owners asked again after they failed
         # per (node, owner), at node x T + owner: chunks registered, the watch (1 running,
         # 2 ending: nothing registered, its last poll out until a report or wend)
         self.WC = array.array("i", [0]) * (T * T)
@@ -424,7 +428,7 @@ class Sim:
         # per node: the fetcher's pools
         self.pq: list[list[int]] = [[] for _ in range(T)]  # chunk << 16 | peer: random order
         self.oq: list[deque[int]] = [deque() for _ in range(T)]
-        self.ofree = [p.workers] * T
+        self.obusy = [0] * T  # origin reads running, at most origin_streams()
         self.free: list[list[int]] = [list(range(n * self.P, (n + 1) * self.P)) for n in range(T)]
         self.inflight: list[dict[int, int]] = [{} for _ in range(T)]
         self.pick_heap: list[list[tuple[int, float, int]] | None] = [None] * T
@@ -565,8 +569,14 @@ class Sim:
         # 2. the owner, while its record says it fills f (wait_for_owner: a load's fetch)
         o = self.table[c] if self.table else n  # chunk_owner: us, if no table
         asked = o != n and _was_asked(ASK[i], self.askedx.get(i), o)
-        # asked already and failed (breaker open): waited for in the grace, as in (b)
+        # asked already and failed (breaker open): waited for in the grace, as in (b); its
+        # breaker closed again after it failed: waited for again, OWNER_RETRIES times at most
         failed = asked and not self.closed(n, o, now)
+        if asked and not failed and i in self.gsince and self.reasked.get(i, 0) < OWNER_RETRIES:
+            self.reasked[i] = self.reasked.get(i, 0) + 1
+            self.unask(i, o)
+            asked = False
+            self.counters["owners asked again after they failed"] += 1
         if o != n and (not asked or failed):
             if self.inview[o] and self.loading[o] and self.file_left[o][f] > 0:
                 if not failed and self.closed(n, o, now):
@@ -633,6 +643,8 @@ class Sim:
         self.REP[i] = -1
         if self.gsince:
             self.gsince.pop(i, None)
+        if self.reasked:
+            self.reasked.pop(i, None)
 
     def ask(self, i: int, h: int) -> None:
         a1 = self.ASK[i]
@@ -640,6 +652,12 @@ class Sim:
             self.ASK[i] = h
         elif a1 != h:
             self.askedx.setdefault(i, set()).add(h)
+
+    def unask(self, i: int, h: int) -> None:
+        if self.ASK[i] == h:
+            self.ASK[i] = -1
+        else:
+            self.askedx.get(i, set()).discard(h)
 
     def deliver(self, n: int, c: int, x: int, now: float) -> None:
         """x's watch at n reports c: its reporter, and a turn if it waits."""
@@ -866,9 +884,10 @@ class Sim:
 
     def pump_origin(self, n: int, now: float) -> None:
         q = self.oq[n]
-        while self.ofree[n] > 0 and q:
+        limit = origin_streams(self.p.workers, len(self.members))
+        while self.obusy[n] < limit and q:
             c = q.popleft()
-            self.ofree[n] -= 1
+            self.obusy[n] += 1
             self.push(now + self.p.origin_latency, E_ORIGIN, n, c)
 
     # -- outcomes ------------------------------------------------------------------------------
@@ -1074,7 +1093,7 @@ class Sim:
                         self.flow_done(tid, tf)
                 elif tm == to:
                     n, c = origin.pop(to)
-                    self.ofree[n] += 1
+                    self.obusy[n] -= 1
                     self.origin_bytes[n] += self.m.sizes[c]
                     self.landed_at(n, c, to, first=True)
                     self.pump_origin(n, to)

@@ -187,6 +187,7 @@ class ApiExpect:
     welcome: bool = False  # the first frame was a proper Hello
     answered: int = 0  # Status, Reload, Prefetch: one reply each, in order
     opens: int = 0  # Open: at most one final reply each (the close cancels those in flight)
+    scrubs: int = 0  # Scrub: answered when its pass ends, so at most one StatusReply each
     protocol_error: bool = False  # the stream breaks the protocol: Error("ProtocolError"), close
 
 
@@ -221,6 +222,8 @@ def expect_api(stream: bytes) -> ApiExpect:
             return e
         elif isinstance(msg, p.Open):
             e.opens += 1
+        elif isinstance(msg, p.Scrub):
+            e.scrubs += 1
         elif isinstance(msg, p.Status | p.Reload | p.Prefetch):
             e.answered += 1
 
@@ -246,8 +249,8 @@ def check_api_replies(bodies: list[bytes], closed: bool, e: ApiExpect) -> list[p
     ready = sum(isinstance(m, p.Ready) for m in rest)
     status = sum(isinstance(m, p.StatusReply) for m in rest)
     finals = ready + status + len(errors)
-    assert ready <= e.opens and status <= e.answered, (e, replies)
-    assert e.answered <= finals <= e.answered + e.opens, (e, replies)
+    assert ready <= e.opens and status <= e.answered + e.scrubs, (e, replies)
+    assert e.answered <= finals <= e.answered + e.opens + e.scrubs, (e, replies)
     if not e.opens:
         assert not any(isinstance(m, p.Progress) for m in rest), replies
     return replies

@@ -104,6 +104,10 @@ class DaemonConfig:
     prefetch_delay: float = 3.0  # seconds after start before prefetching (membership settles)
     drain_timeout: float = 10.0  # seconds SIGTERM waits for loads in progress
     load_timeout: float = 60.0  # seconds a load may wait for pool space before CapacityError
+    # Background re-check of READY pool files against their chunk CRCs: a full pass per
+    # scrub_interval seconds (0: only on request, `mows scrub`), never faster than scrub_rate.
+    scrub_interval: float = 86400.0
+    scrub_rate: int = 64 * 2**20  # bytes/s ceiling of the background scrub; 0 = no cap
 
     def __post_init__(self) -> None:
         if self.max_memory <= 0:
@@ -133,6 +137,8 @@ class DaemonConfig:
             raise ConfigError("drain_timeout: must be >= 0")
         if self.load_timeout < 0:
             raise ConfigError("load_timeout: must be >= 0")
+        if not 0 <= self.scrub_interval < float("inf") or self.scrub_rate < 0:
+            raise ConfigError("scrub_interval and scrub_rate: must be >= 0 (0: off, no cap)")
         for key in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, key)
             if value and not re.fullmatch(r"\[?[^\s\]]*\]?:\d{1,5}", value):
@@ -218,6 +224,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "prefetch": ("prefetch", lambda v, k: _str(v, k)),
     "prefetch_rate": ("prefetch_rate", lambda v, k: 0 if str(v) == "0" else parse_size(v, k)),
     "prefetch_delay": ("prefetch_delay", lambda v, k: _float(v, k)),
+    "scrub_interval": ("scrub_interval", lambda v, k: _float(v, k)),
+    "scrub_rate": ("scrub_rate", lambda v, k: 0 if str(v) == "0" else parse_size(v, k)),
 }
 
 

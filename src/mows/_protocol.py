@@ -28,6 +28,7 @@ __all__ = [
     "Ready",
     "Release",
     "Reload",
+    "Scrub",
     "Status",
     "StatusReply",
     "Welcome",
@@ -58,6 +59,9 @@ class Open(msgspec.Struct, tag=True, frozen=True):
     pin: bool = True
     files: list[str] | None = None  # only these files (streaming); None: the whole model
     version: str | None = None  # this exact version (a stream keeps reading one version)
+    # False: never wait in line for pool space; no room now is a CapacityError at once (a
+    # stream's fetch-ahead, which must not wait while its stream holds a file)
+    wait: bool = True
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):
@@ -83,7 +87,12 @@ class Prefetch(msgspec.Struct, tag=True, frozen=True):
     path: str
 
 
-Request = Hello | Open | Release | Status | Reload | Prefetch
+class Scrub(msgspec.Struct, tag=True, frozen=True):
+    """Re-check every READY pool file against its chunk CRCs now (a full scrub pass, bad
+    files dropped); answered with a StatusReply once the pass is done."""
+
+
+Request = Hello | Open | Release | Status | Reload | Prefetch | Scrub
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,8 +16,15 @@ import pytest
 
 import mows
 from mows.client import Session
-from tests.daemons import DaemonProcess, generate_crc32, load_in_parallel, make_random_model
-from tests.integration.test_daemon import _wait, assert_same_as_files, client
+from mows.transport._wire import ChunkHeader, ChunkRequest, client_handshake, recv_peer, send_peer
+from tests.daemons import (
+    DaemonProcess,
+    generate_crc32,
+    load_in_parallel,
+    make_random_model,
+    mows_load,
+)
+from tests.integration.test_daemon import _pool_bytes, _wait, assert_same_as_files, client
 
 FAST = ["--lease-ttl", "2", "--peer-timeout", "5", "--listen", "127.0.0.1:0"]
 
@@ -342,3 +353,77 @@ def test_a_node_that_evicted_a_model_is_not_waited_on(
         assert h.stats["bytes_from_origin"] == h.stats["bytes"]
         assert_same_as_files(h.state_dict(), m1)
     assert time.monotonic() - start < 4  # FAST's peer_timeout is 5 s
+
+
+def _deleted_pool_fds(pid: int, pool: Path) -> dict[str, int]:
+    """The pool files ``pid`` holds a descriptor on after they were unlinked: path -> the
+    bytes of shared memory each still occupies (outside the pool's directory, not outside
+    its filesystem)."""
+    held: dict[str, int] = {}
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(fd)
+            if target.startswith(str(pool)) and target.endswith(" (deleted)"):
+                held[target] = os.stat(fd).st_blocks * 512
+    return held
+
+
+def test_an_evicted_file_leaves_no_descriptor_in_the_daemon(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """A peer is sent a chunk of M1 (and stops reading mid-chunk) when a load needs room
+    and M1 is the least recently used: the daemon evicts another file instead of unlinking
+    one it is sending from (whose pages its descriptor would keep past the cap); the
+    transfer then completes, whole."""
+    models = [make_random_model(tmp_path / f"m{i}", 24, files=1, seed=i) for i in range(3)]
+    cap = 56 * 2**20
+    (a,) = start_nodes(
+        daemon_factory, etcd, tmp_path, 1, "--max-memory", "56MiB", "--chunk-size", "16MiB"
+    )
+    assert a.proc is not None
+    mows_load(a.socket, models[0])
+    mows_load(a.socket, models[1])  # M1 is now the least recently used
+    st = a.status()
+    fp = next(m["fingerprint"] for m in st["cluster"]["models"] if m["path"] == str(models[0]))
+    address = st["cluster"]["nodes"][0]["address"]
+    host, _, port = address.rpartition(":")
+    shard = "model-00000-of-00001.safetensors"
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # a slow reader's window
+    sock.settimeout(30)
+    sock.connect((host, int(port)))
+    try:
+        _, channel = client_handshake(sock, "slow-reader", None, address)
+        send_peer(sock, ChunkRequest(fp, shard, 0), channel)
+        header = recv_peer(sock, channel)
+        assert isinstance(header, ChunkHeader) and header.length == 16 << 20
+        got = bytearray()
+        while len(got) < 1 << 20:  # a MiB, then the reader stalls mid-chunk
+            got += sock.recv((1 << 20) - len(got))
+        time.sleep(0.5)  # the server's sendfile blocks on the full window
+
+        mows_load(a.socket, models[2])  # needs room: evicts one of M1, M2
+        st = a.status()
+        assert st["evictions"] >= 1 and st["used_bytes"] <= cap
+        leaked = _deleted_pool_fds(a.proc.pid, a.pool_dir)
+        assert not leaked, f"descriptors on evicted pool files: {leaked}"
+        assert _pool_bytes(a.pool_dir) + sum(leaked.values()) <= cap
+        assert (a.pool_dir / fp / shard).exists()  # the file being sent stayed
+        cached = {m["path"]: m["cached_fraction"] for m in st["models"]}
+        assert cached[str(models[1])] < 0.5 and cached[str(models[2])] == 1.0
+
+        while len(got) < header.length:  # the reader resumes: the chunk arrives whole
+            part = sock.recv(min(1 << 20, header.length - len(got)))
+            assert part, f"connection closed after {len(got)} bytes"
+            got += part
+        assert zlib.crc32(got) == header.crc
+    finally:
+        sock.close()
+    # The send ended: M1's file is evictable again (the least recently used), and goes
+    # without a trace.
+    mows_load(a.socket, models[1])
+    assert not (a.pool_dir / fp / shard).exists()
+    assert not _deleted_pool_fds(a.proc.pid, a.pool_dir)
+    assert _pool_bytes(a.pool_dir) <= cap

@@ -225,6 +225,7 @@ API_REQUESTS: st.SearchStrategy[msgspec.Struct] = st.one_of(
     st.just(p.Status()),
     st.just(p.Reload()),
     st.builds(p.Prefetch, path=API_PATHS),
+    st.just(p.Scrub()),
 )
 # One frame of every kind of wrong: ("msg", message or document, length error) or ("raw", b).
 API_FRAMES: st.SearchStrategy[tuple[str, Any, int]] = st.one_of(

@@ -19,6 +19,7 @@ _COMMANDS = {
     "status": ("mows.cli._client:status", "Show the daemon's pool and models."),
     "prefetch": ("mows.cli._client:prefetch", "Queue a model for idle prefetch."),
     "reload": ("mows.cli._client:reload", "Make the daemon re-read its model list."),
+    "scrub": ("mows.cli._client:scrub", "Re-check the pool's files against their CRCs now."),
     "config": ("mows.cli._serve:config", "Show the effective configuration and its sources."),
     "doctor": ("mows.cli._serve:doctor", "Check what breaks deployments."),
 }

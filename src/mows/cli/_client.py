@@ -99,6 +99,13 @@ def status(socket: str | None, as_json: bool) -> None:
         f"from origin {_n(st['bytes_from_origin']) / gib:.2f} GiB  "
         f"integrity failures {st['integrity_failures']}"
     )
+    sc = st.get("scrub")
+    if isinstance(sc, dict):
+        click.echo(
+            f"scrub {sc['state']}: {sc['passes']} passes, "
+            f"{_n(sc['bytes_checked']) / gib:.2f} GiB checked, "
+            f"{sc['mismatched_chunks']} bad chunks ({sc['files_dropped']} files dropped)"
+        )
     models = st["models"]
     assert isinstance(models, list)
     if models:
@@ -177,3 +184,30 @@ def prefetch(path: str, socket: str | None) -> None:
 
     result = get_session(socket).prefetch(path if "://" in path else os.path.abspath(path))
     click.echo(f"queued {result['queued']} for idle prefetch ({result['policy']})")
+
+
+@click.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the pass's summary as JSON.")
+def scrub(socket: str | None, as_json: bool) -> None:
+    """Re-check every file in the daemon's pool against its chunk CRCs now; exit 1 if any
+    chunk no longer matches (its file is dropped: the next open fetches it again)."""
+    from ..client import get_session
+
+    result = get_session(socket).scrub()
+    bad = result["mismatches"]
+    assert isinstance(bad, list)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"scrubbed {result['files']} pool files, {_n(result['bytes']) / 2**20:.1f} MiB in "
+            f"{result['seconds']}s: {len(bad) or 'no'} bad chunks"
+        )
+        for m in bad:
+            click.echo(
+                f"  {m['model']} {m['file']} chunk {m['chunk']} (bytes {m['offset']}-"
+                f"{m['offset'] + m['length']}): {m['error']}: dropped"
+            )
+    if bad:
+        sys.exit(1)

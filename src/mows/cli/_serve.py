@@ -65,6 +65,14 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--prefetch-rate", {"help": "Bandwidth cap of prefetch per second, e.g. 100MiB [none]."}),
     ("--prefetch-delay", {"help": "Seconds after start before prefetching [3]."}),
+    (
+        "--scrub-interval",
+        {
+            "help": "Seconds per background pass re-checking pool files against their chunk "
+            "CRCs; 0: only on `mows scrub` [86400]."
+        },
+    ),
+    ("--scrub-rate", {"help": "Bandwidth cap of the background scrub per second [64MiB]."}),
 ]
 
 

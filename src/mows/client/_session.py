@@ -77,15 +77,17 @@ class Session:
         pin: bool = True,
         files: list[str] | None = None,
         version: str | None = None,
+        wait: bool = True,
     ) -> p.Ready:
         """Have the daemon fetch ``path`` (or only ``files`` of it) into the pool; ``pin``
         keeps them there while this connection holds them (the caller then owes one
         ``release`` with the same ``files``). ``version`` asks for that exact version (a
-        reader that must not see an update made at the origin meanwhile)."""
+        reader that must not see an update made at the origin meanwhile). ``wait=False``:
+        a ``CapacityError`` at once if the pool has no room now, instead of waiting for it."""
         self._wait_releases()  # what this process let go of counts before what it asks for
         with self._request_lock:
             try:
-                self._send(p.Open(path, crc32_file, pin, files, version))
+                self._send(p.Open(path, crc32_file, pin, files, version, wait))
             except OSError as e:
                 self.closed = True
                 raise DaemonUnavailableError(
@@ -113,6 +115,11 @@ class Session:
     def reload(self) -> dict[str, object]:
         """Have the daemon re-read its model list (as SIGHUP does)."""
         return self._ask(p.Reload())
+
+    def scrub(self) -> dict[str, object]:
+        """Have the daemon re-check every pool file against its chunk CRCs now (a full scrub
+        pass; bad files are dropped and fetched again on their next open); its summary."""
+        return self._ask(p.Scrub())
 
     def _ask(self, request: msgspec.Struct) -> dict[str, object]:
         with self._request_lock:

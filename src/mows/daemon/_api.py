@@ -50,6 +50,8 @@ class Backend(Protocol):
 
     def reload(self) -> dict[str, object]: ...
 
+    async def scrub(self) -> dict[str, object]: ...
+
 
 @dataclass
 class _Connection:
@@ -122,6 +124,10 @@ class LocalApi:
                     self._release(conn, msg)
                 elif isinstance(msg, p.Status | p.Prefetch | p.Reload):
                     await send(self._answer(msg))
+                elif isinstance(msg, p.Scrub):  # a full pass: answered when it is done
+                    t = asyncio.ensure_future(self._scrub(send))
+                    conn.tasks.add(t)
+                    t.add_done_callback(conn.tasks.discard)
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -160,6 +166,16 @@ class LocalApi:
         except Exception as e:  # a bug: answered (and logged), never a dropped connection
             log.exception("%s failed", type(msg).__name__)
             return p.Error(kind=type(e).__name__, message=f"internal error: {e}")
+
+    async def _scrub(self, send: _Send) -> None:
+        try:
+            reply: p.StatusReply | p.Error = p.StatusReply(await self.backend.scrub())
+        except MowsError as e:
+            reply = p.error_message(e)
+        except Exception as e:  # a bug: answered (and logged), never a dropped connection
+            log.exception("Scrub failed")
+            reply = p.Error(kind=type(e).__name__, message=f"internal error: {e}")
+        await send(reply)
 
     def _release(self, conn: _Connection, msg: p.Release) -> None:
         key = (msg.model, None if msg.files is None else tuple(sorted(msg.files)))

@@ -19,6 +19,7 @@ version's log under a new epoch: watchers then read the log again from its start
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -60,6 +61,7 @@ class _Log:
 class _Entry:
     fd: int  # our own descriptor of the pool file; survives the partial -> final rename
     chunks: dict[int, _Chunk] = field(default_factory=dict)
+    sending: int = 0  # sends in flight, each on a descriptor of its own (see ``withdraw``)
 
 
 class ChunkTable:
@@ -119,6 +121,31 @@ class ChunkTable:
         if entry is not None:
             os.close(entry.fd)
 
+    def withdraw(self, model: str, path: str) -> bool:
+        """Stop serving a file about to be evicted, unless a send from it is in flight (then
+        False: it stays served, and is not to be evicted now). In one step under the lock, so
+        no send starts after a True: a send's descriptor would keep the unlinked file's pages,
+        which the pool no longer counts, until the peer read the whole chunk."""
+        with self._lock:
+            entry = self._files.get((model, path))
+            if entry is None:
+                return True
+            if entry.sending:
+                return False
+            del self._files[(model, path)]
+        os.close(entry.fd)
+        return True  # (its log entries go with ``remove_file``, which the eviction calls)
+
+    def sending(self, model: str, path: str) -> bool:
+        """Is a peer being sent a chunk of this file now?"""
+        with self._lock:
+            entry = self._files.get((model, path))
+            return entry is not None and entry.sending > 0
+
+    def _sent(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.sending -= 1
+
     def has_file(self, model: str, path: str) -> bool:
         with self._lock:
             return (model, path) in self._files
@@ -130,14 +157,18 @@ class ChunkTable:
                 return None
             c = entry.chunks[index]
             fd = os.dup(entry.fd)
+            entry.sending += 1  # until the server closes the chunk (or we do, below)
+        done = functools.partial(self._sent, entry)
         if c.digest is None:  # outside the lock: hashing a chunk takes milliseconds
             try:
                 c.digest = _digest_checked(fd, c)
             except BaseException:
                 os.close(fd)
+                done()
                 raise
             if c.digest is None:
                 os.close(fd)
+                done()
                 with self._lock:
                     self.rotten += 1
                     e = self._files.get((model, path))
@@ -147,7 +178,7 @@ class ChunkTable:
                 if self.on_rotten is not None:
                     self.on_rotten(model, path)
                 return None
-        return ServedChunk(fd, c.offset, c.length, c.crc, c.digest)
+        return ServedChunk(fd, c.offset, c.length, c.crc, c.digest, done)
 
     def watch(self, model: str, epoch: int, since: int, wait: float) -> Landed:
         """The version's first copies past ``since`` (all of them if ``epoch`` is not the

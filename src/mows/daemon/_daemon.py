@@ -4,6 +4,7 @@
     LoadService (_loads) locations -> versions, the wait queue for space, shared file fills
     ChunkFetcher         peer-then-origin policy with per-peer circuit breakers
     Prefetcher           what to prefetch, and how fast
+    Scrubber (_scrub)    READY pool files re-checked against their chunk CRCs in idle time
     Peering              peer server/client and the cluster directory (cluster mode only)
     Pool (mows.pool)     versions in shared memory under the cap
     build_status         the status document, built on the loop (metrics ask the loop for it)
@@ -26,6 +27,7 @@ from .. import _protocol as p
 from .._config import DaemonConfig
 from .._errors import AccessDeniedError, ConfigError, DaemonError, MowsError
 from ..cluster import NodeInfo
+from ..pool import FileState
 from ..sources import Source, open_source
 from ..sources._local import LocalSource
 from ._api import LocalApi
@@ -36,6 +38,7 @@ from ._loads import LoadService, Opened
 from ._metrics import Metrics
 from ._peering import Peering
 from ._prefetch import Prefetcher
+from ._scrub import Scrubber
 from ._status import build_status
 
 __all__ = ["Daemon", "run_daemon"]
@@ -63,6 +66,7 @@ class Daemon:
         self.fetcher = ChunkFetcher(config, self.counters, self.metrics, None)
         self.loads = LoadService(config, self.pool, self.fetcher, self.counters, None, self.source)
         self.prefetcher: Prefetcher | None = None
+        self.scrubber = Scrubber(config, self.pool, self.loads)
         self.api = LocalApi(config.socket, config.socket_mode, self)
         self._roots = [_canonical_root(r) for r in config.roots]
 
@@ -78,6 +82,8 @@ class Daemon:
             self.peering = Peering(self.config, self.chunks, self.node_info)
             self.fetcher.peering = self.loads.peering = self.peering
             self.pool.last_copy = self.peering.is_last_copy
+            self.pool.sending = self.peering.sending
+            self.pool.stop_serving = self.peering.stop_serving
             self.pool.on_remove = self.peering.file_removed
             self.pool.on_commit = self.peering.file_ready
             self.chunks.on_rotten = self._rotten_threadsafe
@@ -91,6 +97,7 @@ class Daemon:
             )
             self.prefetcher.targets = [_canonical_root(r) for r in self.config.model_paths]
             self.prefetcher.start()
+        self.scrubber.start()
         if self.config.metrics_listen:
             self.metrics.serve(self.config.metrics_listen)
             log.info("Prometheus metrics on http://%s/metrics", self.config.metrics_listen)
@@ -166,6 +173,7 @@ class Daemon:
         self.api.stop_accepting()  # no new clients while we wind down
         if self.prefetcher is not None:
             await self.prefetcher.close()
+        await self.scrubber.close()
         if self.peering is not None:
             await self.peering.close()
         self.api.close()
@@ -209,13 +217,18 @@ class Daemon:
 
     def _rotten(self, vid: str, rel: str) -> None:
         """A file's bytes no longer match a chunk's CRC (memory gone bad since it was checked):
-        drop it so the next open fetches it again; if clients hold it now, stop serving it to
-        peers and drop it as soon as they let go (they were given it while it was good)."""
+        drop it so the next open fetches it again (clients that map it keep their mapping,
+        counted until they let go: ``Pool.retire``). One still filling is no longer served to
+        peers and is dropped as soon as its holders let go."""
         v = self.pool.versions.get(vid)
         f = v.files.get(rel) if v is not None else None
         if f is None:
             return
         self.counters.integrity_failures += 1
+        if f.state is FileState.READY:  # out of service now, whoever maps it
+            log.error("%s/%s rotted in memory: dropped, the next open fetches it again", vid, rel)
+            self.pool.retire(f)
+            return
         if f.locked:
             log.error(
                 "%s/%s rotted in memory while clients hold it: dropped once released", vid, rel
@@ -253,7 +266,12 @@ class Daemon:
         # unpinned opens hold them only while they last.
         transient = msg.files is not None or not msg.pin
         return await self.loads.open(
-            location, msg.files, transient=transient, version=msg.version, progress=progress
+            location,
+            msg.files,
+            transient=transient,
+            version=msg.version,
+            progress=progress,
+            wait=msg.wait,
         )
 
     def add_prefetch(self, path: str) -> dict[str, object]:
@@ -262,6 +280,13 @@ class Daemon:
             raise ConfigError("prefetch is off on this daemon (--prefetch off)")
         self.prefetcher.add(location)
         return {"queued": location, "policy": self.config.prefetch}
+
+    async def scrub(self) -> dict[str, object]:
+        """A full scrub pass now (``mows scrub``): every READY pool file re-read against its
+        chunk CRCs, bad ones dropped; what it found."""
+        if self._draining:
+            raise DaemonError("the daemon is shutting down", "DaemonError")
+        return await self.scrubber.run_now()
 
     def known_locations(self) -> list[str]:
         known = dict.fromkeys(_canonical_root(r) for r in self.config.model_paths)

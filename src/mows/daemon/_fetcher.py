@@ -21,6 +21,13 @@ stands is waited for a grace period (it died: its lease ends and a new owner tak
 chunks), not replaced by the origin at once: on a cold 700 GB load, every node reading a dead
 owner's chunks from the origin would be a stampede.
 
+Origin reads are paced by the cluster's size: each node reads at most ``origin_streams``
+chunks from the origin at once, about CLUSTER_ORIGIN_STREAMS over all the version's members.
+With every member's ``workers`` reading at once, a cold load of 1,000 nodes kept ~4,000 reads
+sharing the origin link: they all ended together, so first copies landed in waves, the peer
+links idled between them and nothing overlapped the last one. A read or two per node lands
+first copies four times as often, and the peers pass each on while the next is read.
+
 While etcd is out (the cluster ``degraded``), peers are still tried, and owners waited for,
 from the last view (a watch needs no etcd), and origin reads of all loads on this node are
 capped at half the workers: chunks whose peers fail must not stampede the origin.
@@ -35,7 +42,8 @@ import logging
 import queue
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,7 +58,7 @@ from ._fill import FileFill, fetch_chunk
 from ._metrics import Metrics
 from ._peering import Peering
 
-__all__ = ["ChunkFetcher", "Counters", "FillTarget"]
+__all__ = ["ChunkFetcher", "Counters", "FillTarget", "origin_streams"]
 
 log = logging.getLogger("mows.daemon")
 
@@ -61,10 +69,18 @@ BREAKER_MAX = 30.0
 QUARANTINE = 300.0  # seconds a peer that sent bytes failing their checks is skipped
 WAIT_MAX = 10.0  # seconds a watch is held at an owner, and a waiting chunk looks again
 OWNER_GRACE = 10.0  # seconds, at least 2 x lease_ttl: a failed owner is waited for
+OWNER_RETRIES = 3  # times a chunk waits again for an owner that failed it
 WATCH_THREADS = 1024  # long polls at once (one per owner waited on: every node, at scale)
 HAVE_TTL = 2.0  # seconds a peer's Have answer is reused
 HAVE_ASKS = 64  # partial holders asked for their Have per chunk, at most
 HAVE_CACHE = 4096  # Have answers kept
+CLUSTER_ORIGIN_STREAMS = 64  # origin reads at once over a version's members: enough streams
+# to fill an object store's link (a stream gets ~100-300 MB/s), few enough to land in order
+
+
+def origin_streams(workers: int, members: int) -> int:
+    """Origin reads at once on one node of a version with ``members`` members."""
+    return max(1, min(workers, -(-CLUSTER_ORIGIN_STREAMS // max(1, members))))
 
 
 @dataclass
@@ -136,7 +152,7 @@ class ChunkFetcher:
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._breakers: dict[str, _Breaker] = {}
         self._haves: dict[tuple[str, str, str], tuple[float, bytes]] = {}  # (node, vid, path)
-        self._degraded_origin = asyncio.Semaphore(max(1, config.workers // 2))
+        self._origin_gate = _Gate()
         self._grace = max(OWNER_GRACE, 2 * config.lease_ttl)
         # Waiting for owners: (vid, path, index) -> its wait; (vid, node) -> the chunks
         # waiting on it and the watch that reports them; chunk -> who reported it.
@@ -170,7 +186,7 @@ class ChunkFetcher:
         got = None if target.origin_only else await self._from_peers(target, chunk, wait_for_owner)
         peering = self.peering is not None
         if got is None:
-            async with self._origin_slot():
+            async with self._origin_slot(target.version.id):
                 started = time.perf_counter()
                 crc, digest = await self._in_worker(
                     target, self._origin, fetch_chunk, target.source, target.fill, chunk, peering
@@ -184,9 +200,25 @@ class ChunkFetcher:
             self.peering.held(target.version, chunk, crc, digest, first_copy=got is None)
         return crc
 
-    def _origin_slot(self) -> contextlib.AbstractAsyncContextManager[object]:
-        degraded = self.peering is not None and self.peering.cluster.degraded
-        return self._degraded_origin if degraded else contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def _origin_slot(self, vid: str) -> AsyncIterator[None]:
+        """A turn to read from the origin: ``origin_streams`` at once, half the workers while
+        the cluster is degraded."""
+        if self.peering is None:
+            yield  # the origin workers are the limit
+            return
+        await self._origin_gate.enter(lambda: self._origin_limit(vid))
+        try:
+            yield
+        finally:
+            self._origin_gate.leave()
+
+    def _origin_limit(self, vid: str) -> int:
+        assert self.peering is not None
+        cluster = self.peering.cluster
+        workers = self.config.workers
+        limit = origin_streams(workers, len(cluster.interested(vid)))
+        return min(limit, max(1, workers // 2)) if cluster.degraded else limit
 
     async def _from_peers(
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
@@ -206,6 +238,7 @@ class ChunkFetcher:
         want = cluster.chunk_crc(vid, f, chunk.index)  # None: the file's CRC checks it
         asked: set[str] = set()  # asked already: not asked again for this chunk
         failed_owner_since: float | None = None
+        reasked = 0  # owners asked again after they failed
         try:
             while cluster.view_usable:
                 now = time.monotonic()
@@ -228,8 +261,14 @@ class ChunkFetcher:
                 state = cluster.state(vid, owner, f)
                 # An owner asked already is passed over, unless it failed (its breaker is
                 # open) while its record stands: then it is waited for like one whose watch
-                # failed, not replaced by the origin at every node at once.
+                # failed, not replaced by the origin at every node at once; and once its
+                # breaker closes, it is waited for again (a dead one's watch fails until its
+                # lease ends and a new owner takes the chunk), not passed over.
                 failed = owner in asked and not self._closed(owner, now)
+                again = owner in asked and not failed and failed_owner_since is not None
+                if again and reasked < OWNER_RETRIES:  # not forever: it may fail this one only
+                    reasked += 1
+                    asked.discard(owner)
                 if owner != cluster.node_id and (owner not in asked or failed):
                     if state.loading and wait_for_owner:
                         # No deadline while the owner answers and its record says it fills
@@ -452,6 +491,40 @@ class ChunkFetcher:
             return await asyncio.wrap_future(cf)
         finally:
             target.running.discard(cf)
+
+
+class _Gate:
+    """At most ``limit()`` holders at once, the limit read again at each turn (a version's
+    members come and go); waiters are woken one at a time, in order."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self, limit: Callable[[], int]) -> None:
+        while self.busy >= limit():
+            woken = asyncio.get_running_loop().create_future()
+            self._waiters.append(woken)
+            try:
+                await woken
+            except asyncio.CancelledError:
+                if woken.done() and not woken.cancelled():
+                    self._wake()  # woken, then cancelled: the turn passes on
+                raise
+        self.busy += 1
+        if self.busy < limit():
+            self._wake()  # the limit rose: the next waiter may enter too
+
+    def leave(self) -> None:
+        self.busy -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
 
 
 class _RandomOrderExecutor(ThreadPoolExecutor):

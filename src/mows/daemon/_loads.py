@@ -231,10 +231,13 @@ class LoadService:
         transient: bool,
         version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        wait: bool = True,
     ) -> Opened:
         """Pin ``rels`` (None: every file) of the version ``location`` holds (or of
         ``version``, for a reader that must keep reading one version), fetching what is
         missing. The pins belong to the caller once this returns; on any failure none remain.
+        ``wait=False``: no room now (or others waiting for it first) is a ``CapacityError``
+        at once, not a place in the line for space (a stream's fetch-ahead).
         """
         start = time.perf_counter()
         self.foreground += 1
@@ -260,14 +263,15 @@ class LoadService:
             if unknown:
                 raise SourceNotFoundError(location, unknown[0], "not in the model")
             ready_bytes = sum(v.entry(r).size for r in rels if v.ready(r) is not None)
-            files = await self._admit(v, rels, transient)
+            files = await self._admit(v, rels, transient, wait)
             try:
                 stats = await self._fill_all(location, files, progress)
             except BaseException:
                 self.pool.unpin(files, transient=transient)
                 raise
         except MowsError as e:
-            self.counters.loads_failed += 1
+            if wait or not isinstance(e, CapacityError):  # a fetch-ahead's "not now" is none
+                self.counters.loads_failed += 1
             if version is None and isinstance(e, IntegrityError | SourceError):
                 self._distrust(location)
             raise
@@ -294,10 +298,13 @@ class LoadService:
             time.perf_counter() - start,
         )
 
-    async def _admit(self, v: Version, rels: list[str], transient: bool) -> list[PoolFile]:
+    async def _admit(
+        self, v: Version, rels: list[str], transient: bool, wait: bool = True
+    ) -> list[PoolFile]:
         """Wait in line for room; only the head of the line may evict or take free space,
         so a big load is never starved by smaller ones (opens that need no space pass, and
-        one that can never fit fails at once wherever it stands)."""
+        one that can never fit fails at once wherever it stands). ``wait=False``: one look,
+        then a ``CapacityError`` if there was no room (or others wait for it first)."""
         ticket = object()
         self._queue.append(ticket)
         deadline = time.monotonic() + self.config.load_timeout
@@ -308,6 +315,13 @@ class LoadService:
                 files = self.pool.admit(v, rels, transient=transient, take=head)
                 if files is not None:
                     return files
+                if not wait:
+                    raise CapacityError(
+                        f"no room in the pool now for {', '.join(rels)} of "
+                        f"{v.manifest.source} (an open that does not wait for space; "
+                        f"{len(self._queue) - 1} waiting in line, {self.pool.used_bytes:,} of "
+                        f"{self.pool.capacity:,} bytes used)"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CapacityError(

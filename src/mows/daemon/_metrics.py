@@ -97,13 +97,25 @@ class _StatusCollector(Collector):
             yield CounterMetricFamily(name, doc, value=st[key])
         integrity = CounterMetricFamily(
             "mows_integrity_failures",
-            "Data that failed its checks, by source (pool: held bytes that rotted in memory).",
+            "Data that failed its checks, by source (pool: held bytes that rotted in memory, "
+            "caught before a peer got them; scrub: caught by the background scrub).",
             labels=["source"],
         )
         integrity.add_metric(["origin"], st["integrity_failures"])
         integrity.add_metric(["peers"], st["corrupt_chunks_from_peers"])
         integrity.add_metric(["pool"], st["rotten_chunks_withheld"])
+        integrity.add_metric(["scrub"], st["scrub"]["mismatched_chunks"])
         yield integrity
+        yield CounterMetricFamily(
+            "mows_scrub_checked_bytes",
+            "Pool bytes the scrub re-read and checked against their chunk CRCs.",
+            value=st["scrub"]["bytes_checked"],
+        )
+        yield CounterMetricFamily(
+            "mows_scrub_passes",
+            "Full scrub passes over the pool completed.",
+            value=st["scrub"]["passes"],
+        )
         cluster = st.get("cluster") or {}
         yield GaugeMetricFamily(
             "mows_live_peers",

@@ -161,6 +161,15 @@ class Peering:
             # starts later joins again): not an owner or holder for anyone to wait on.
             self.cluster.leave(v.id)
 
+    def sending(self, f: PoolFile) -> bool:
+        """Is a peer being sent a chunk of ``f`` now (see ``Pool.sending``)?"""
+        return self.chunks.sending(f.version.id, f.rel)
+
+    def stop_serving(self, f: PoolFile) -> bool:
+        """``f`` is to be evicted: stop serving it unless a send from it is in flight (then
+        False: it stays, served). No send starts after a True."""
+        return self.chunks.withdraw(f.version.id, f.rel)
+
     def is_last_copy(self, f: PoolFile) -> bool:
         """Would evicting ``f`` drop the cluster's last whole copy of it?"""
         if not self.cluster.healthy:

@@ -44,6 +44,7 @@ def build_status(d: Daemon) -> dict[str, object]:
         "peer_failures": c.peer_failures,
         "corrupt_chunks_from_peers": c.corrupt_from_peers,
         "rotten_chunks_withheld": d.chunks.rotten,
+        "scrub": d.scrubber.status(),
         "models": [_location(d, loc) for loc in d.known_locations()],
         "versions": [_version(d, v) for v in sorted(pool.versions.values(), key=lambda v: v.id)],
         "cluster": _cluster(d),

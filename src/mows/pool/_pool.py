@@ -78,7 +78,16 @@ class Pool:
         self.on_commit: Callable[[PoolFile], None] | None = None  # a file became READY
         self.on_forget: Callable[[Version], None] | None = None  # a version left for good
         self.on_change: Callable[[], None] | None = None  # space may have been freed
+        # Is a peer being sent some of this file now? Such a file is not evicted: the send's
+        # descriptor would keep its pages, which the cap no longer counts, past the unlink.
+        # ``stop_serving`` (at eviction) checks the same and, if none is, ends the serving
+        # in one step (no send starts after it): False means keep it, one began meanwhile.
+        self.sending: Callable[[PoolFile], bool] | None = None
+        self.stop_serving: Callable[[PoolFile], bool] | None = None
         self.used_bytes = 0
+        # Taken out of service while clients held them (``retire``): no longer in any
+        # version, their pages counted until the last hold goes.
+        self.retired: set[PoolFile] = set()
         self.evictions = 0
         self.evicted_bytes = 0
         self.evicted_last_copy_bytes = 0
@@ -120,7 +129,10 @@ class Pool:
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(f.reserved for f in self.files() if f.locked)
+        return sum(f.reserved for f in self.files() if f.locked) + self._retired_bytes()
+
+    def _retired_bytes(self) -> int:
+        return sum(f.reserved for f in self.retired)
 
     # -- pins ----------------------------------------------------------------------------------
     def pin(self, files: Iterable[PoolFile], *, transient: bool) -> None:
@@ -142,7 +154,11 @@ class Pool:
             if consumed:
                 f.last_used = -1.0
             if f.rotten and not f.locked:
-                self._remove(f)
+                if f in self.retired:  # already out of the pool: its pages are free now
+                    self.retired.discard(f)
+                    self.used_bytes -= f.reserved
+                else:
+                    self._remove(f)
         self._changed()
 
     # -- admission, reservation and eviction ---------------------------------------------------
@@ -176,6 +192,7 @@ class Pool:
         if need > 0:
             keep = set(present)
             held = sum(f.reserved for f in self.files() if f.pins and f not in keep)
+            held += sum(f.reserved for f in self.retired if f.pins)
             if need > self.capacity - held - sum(f.reserved for f in present):
                 raise CapacityError(self.explain(version, need))
             if not take:
@@ -187,8 +204,10 @@ class Pool:
             for f in victims:
                 if need <= free:
                     break
-                self._evict(f)
-                free += f.reserved
+                if self._evict(f):
+                    free += f.reserved
+            if need > free:
+                return None  # a victim is being sent from since it was chosen: ask again
         out = []
         for rel in rels:
             pf = version.files.get(rel)
@@ -273,19 +292,24 @@ class Pool:
         for f in cands:
             if enough is not None and freed >= enough:
                 break
+            if self.sending is not None and self.sending(f):
+                continue
             if f.state is FileState.READY and _mapped_by_a_client(f.path):
                 continue
             out.append(f)
             freed += f.reserved
         return out
 
-    def _evict(self, f: PoolFile) -> None:
+    def _evict(self, f: PoolFile) -> bool:
+        if self.stop_serving is not None and not self.stop_serving(f):
+            return False
         log.info("evicting %s/%s (%d bytes)", f.version.id, f.rel, f.size)
         self.evictions += 1
         self.evicted_bytes += f.size
         if self.last_copy is None or self.last_copy(f):
             self.evicted_last_copy_bytes += f.size
         self._remove(f)
+        return True
 
     def _remove(self, f: PoolFile) -> None:
         v = f.version
@@ -307,6 +331,30 @@ class Pool:
     def discard(self, f: PoolFile) -> None:
         """Drop a file that failed or was abandoned while filling."""
         self._remove(f)
+
+    def retire(self, f: PoolFile) -> None:
+        """Take a READY file whose bytes went bad out of service now: removed as if evicted,
+        so the next open fetches it again. Clients mapping it keep their mapping (zero-copy:
+        nothing can take it back); until their holds go, its pages stay counted in
+        ``used_bytes``."""
+        v = f.version
+        if v.files.get(f.rel) is not f:
+            return
+        assert f.state is FileState.READY, "retiring a file still being filled"
+        if not f.locked:
+            self._remove(f)
+            return
+        if self.on_remove is not None:
+            self.on_remove(f)
+        del v.files[f.rel]
+        v.index.pop(f.rel, None)
+        f.rotten = True
+        self.retired.add(f)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f.path)  # the next fill publishes a new file under its name
+        self._write_meta(v)
+        self._forget_if_unused(v)
+        self._changed()
 
     def shrink_to_capacity(self) -> None:
         for f in self._victims(enough=self.used_bytes - self.capacity):

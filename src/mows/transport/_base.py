@@ -5,6 +5,7 @@ One contract test suite runs against every implementation (``--nic tcp``; UCX wo
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +20,22 @@ Sink = Callable[[int, memoryview], None]  # (offset in the chunk, block): write 
 
 @dataclass(frozen=True)
 class ServedChunk:
-    fd: int  # a descriptor the server owns and closes after sending
+    fd: int  # a descriptor the server owns: ``close`` the chunk once the send ends
     offset: int
     length: int
     crc: int
     digest: bytes  # BLAKE3 of the chunk, announced in the (tagged) header
+    # The store's: called once the send ended and ``fd`` is closed (it counts sends in
+    # flight: a pool file is not evicted while its pages are being sent from).
+    on_close: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        """The send ended (done or failed): closes ``fd``, then tells the store."""
+        try:
+            os.close(self.fd)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 class ChunkStore(Protocol):

@@ -214,7 +214,7 @@ class TcpPeerServer(PeerServer):
                     else:
                         _sendfile(conn, chunk)
                 finally:
-                    os.close(chunk.fd)
+                    chunk.close()
                 self._store.served(peer_node, chunk.length)
         except (ConnectionError, TimeoutError, OSError):
             pass

@@ -225,7 +225,7 @@ class UcxPeerServer(PeerServer):
                 finally:
                     view.release()
         finally:
-            os.close(chunk.fd)
+            chunk.close()
         self._store.served(client, chunk.length)
 
     def close(self) -> None:

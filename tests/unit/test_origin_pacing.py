@@ -1,0 +1,86 @@
+"""Origin reads paced by the cluster's size: the per-node limit, and the gate that keeps it
+while the limit moves (pure asyncio, no daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mows.daemon._fetcher import CLUSTER_ORIGIN_STREAMS, _Gate, origin_streams
+
+
+def test_origin_streams_spread_the_cluster_budget_over_members() -> None:
+    assert origin_streams(4, 1) == 4  # a lone node: its workers
+    assert origin_streams(4, 8) == 4  # 64 / 8 = 8, at most the workers
+    assert origin_streams(4, 32) == 2
+    assert origin_streams(4, 100) == 1
+    assert origin_streams(4, 1000) == 1  # never below one
+    assert origin_streams(16, 8) == 8
+    assert origin_streams(4, 0) == 4  # no members known yet: as alone
+    for members in range(1, 200):
+        assert origin_streams(64, members) * members < CLUSTER_ORIGIN_STREAMS + members
+
+
+async def _holders_at_most(gate: _Gate, limit: list[int], tasks: int) -> int:
+    peak = 0
+    inside = 0
+
+    async def one() -> None:
+        nonlocal peak, inside
+        await gate.enter(lambda: limit[0])
+        try:
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.001)
+        finally:
+            inside -= 1
+            gate.leave()
+
+    await asyncio.gather(*(one() for _ in range(tasks)))
+    return peak
+
+
+def test_the_gate_holds_its_limit_and_lets_everyone_through() -> None:
+    gate = _Gate()
+    assert asyncio.run(_holders_at_most(gate, [3], 50)) == 3
+    assert gate.busy == 0
+
+
+def test_a_rising_limit_admits_waiters_without_a_release() -> None:
+    async def run() -> int:
+        gate = _Gate()
+        limit = [1]
+        await gate.enter(lambda: limit[0])  # held: the others wait
+        entered: list[int] = []
+
+        async def waiter(k: int) -> None:
+            await gate.enter(lambda: limit[0])
+            entered.append(k)
+
+        tasks = [asyncio.ensure_future(waiter(k)) for k in range(3)]
+        await asyncio.sleep(0.01)
+        assert entered == []
+        limit[0] = 4
+        gate.leave()  # one release: all three fit under the new limit
+        await asyncio.wait_for(asyncio.gather(*tasks), 1.0)
+        return gate.busy
+
+    assert asyncio.run(run()) == 3
+
+
+def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async def run() -> None:
+        gate = _Gate()
+        await gate.enter(lambda: 1)
+        first = asyncio.ensure_future(gate.enter(lambda: 1))
+        second = asyncio.ensure_future(gate.enter(lambda: 1))
+        await asyncio.sleep(0.01)
+        gate.leave()  # wakes the first ...
+        first.cancel()  # ... cancelled before it ran: the second must get the turn
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 1.0)
+        assert gate.busy == 1
+
+    asyncio.run(run())
