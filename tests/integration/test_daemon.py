@@ -456,3 +456,99 @@ def test_a_file_mapped_across_a_daemon_restart_is_not_evicted(
     with mows.open_model(second, socket=d.socket, fallback=False) as h:
         assert_same_as_files(h.state_dict(), second)
     assert not pool_file.exists()  # evicted once let go
+
+
+STREAM_AND_COMPARE = """
+import json, sys, time
+from pathlib import Path
+
+import mows, torch
+from safetensors.torch import load_file
+
+sock, model = sys.argv[1], Path(sys.argv[2])
+ref = {}
+for f in sorted(model.glob("*.safetensors")):
+    ref.update(load_file(f))
+started = time.monotonic()
+seen = 0
+try:
+    # A plain loop: the consumer still holds each tensor while it asks for the next one.
+    for name, t in mows.iter_weights(model, socket=sock, fallback=False, stream=True):
+        assert torch.equal(t.view(torch.uint8), ref.pop(name).view(torch.uint8)), name
+        seen += 1
+        time.sleep(0.02)  # reading the file a while: the other stream loads meanwhile
+    error = None
+except mows.MowsError as e:
+    error = f"{type(e).__name__}: {e}"
+print(json.dumps({"seen": seen, "left": sorted(ref), "error": error,
+                  "seconds": time.monotonic() - started}))
+"""
+
+
+def test_two_streams_under_a_tight_cap_both_finish(daemon_factory: Any, tmp_path: Path) -> None:
+    """Regression (bench/chaos.py, issue 16): two processes streamed a model each through a
+    pool that holds two of their files (8 MiB each: a third does not fit 24 MiB). Each held
+    its current file (a transient pin: its consumer still had that file's last tensor) and
+    waited in the daemon's line for space for its next, which only the other's release
+    could free: both failed with a CapacityError after --load-timeout. A stream's fetch-ahead
+    now never waits for space; without room, the file's last tensor is a copy and the next
+    file is waited for once the stream's pin is gone."""
+    models = [make_random_model(tmp_path / f"m{i}", 32, files=4, seed=i) for i in (1, 2)]
+    cap = 24 << 20
+    d = daemon_factory(roots=[tmp_path], max_memory="24MiB", extra=["--load-timeout", "15"])
+    used: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        s = mows.client.Session(d.socket)
+        try:
+            while not stop.is_set():
+                used.append(int(s.status()["used_bytes"]))  # type: ignore[call-overload]
+                time.sleep(0.01)
+        finally:
+            s.close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", STREAM_AND_COMPARE, d.socket, str(m)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for m in models
+        ]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        stop.set()
+        sampler.join()
+    for r in results:
+        assert r["error"] is None, r["error"]
+        assert r["seen"] == 16 and r["left"] == [], r  # every tensor, bitwise the source's
+        assert r["seconds"] < 10, r  # not a wait for --load-timeout (15 s)
+    assert used and max(used) <= cap
+    assert d.status()["pinned_bytes"] == 0
+
+
+def test_a_stream_whose_consumer_keeps_every_tensor_fails_naming_what_it_holds(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A consumer that keeps the tensors of the files it moved past is not streaming: when
+    the pool cannot hold them all, the stream fails with a CapacityError that says so (the
+    cap, and the files the consumer still holds), not a bare wait for space."""
+    model = make_random_model(tmp_path / "m", 32, files=4)
+    d = daemon_factory(roots=[tmp_path], max_memory="24MiB", extra=["--load-timeout", "2"])
+    kept: list[torch.Tensor] = []
+    with pytest.raises(CapacityError) as info:
+        for _, t in mows.iter_weights(model, socket=d.socket, fallback=False, stream=True):
+            kept.append(t)
+    message = str(info.value)
+    assert "keeps tensors of model-00000-of-00004.safetensors" in message, message
+    assert "model-00001-of-00004.safetensors" in message and "capacity is" in message, message
+    assert len(kept) == 8  # two files' tensors: all the pool can hold

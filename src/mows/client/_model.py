@@ -16,10 +16,11 @@ import logging
 import mmap
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .._errors import CapacityError, DaemonUnavailableError, IntegrityError, MowsError
@@ -43,6 +44,10 @@ __all__ = [
 log = logging.getLogger("mows.client")
 
 ProgressFn = Callable[[int, int], None]
+
+# A stream's fetch-ahead that found no room in the pool tries again this often (each time
+# the consumer comes back for a tensor).
+AHEAD_RETRY = 0.25
 
 
 class DaemonFallbackWarning(UserWarning):
@@ -101,6 +106,11 @@ class _PinGuard:
             fire = self._count == 0
         if fire and self._release is not None:
             self._release()
+
+    @property
+    def released(self) -> bool:
+        """The handle is closed and no mapping of it is left: its pin is going or gone."""
+        return self._count == 0
 
 
 class TensorSlice:
@@ -190,6 +200,11 @@ class ModelHandle:
             if entry.safetensors is not None and entry.path in self.files:
                 for t in entry.safetensors.tensors:
                     yield t.name, self.get_tensor(t.name)
+
+    @property
+    def released(self) -> bool:
+        """Closed, and no tensor of it is left (its pin is released)."""
+        return self._guard.released
 
     def file_path(self, rel: str) -> str:
         """The local path of any model file (config.json, tokenizer...), read-only."""
@@ -336,6 +351,16 @@ def iter_weights(
     A model that does not fit the pool (``CapacityError``) is streamed: files are fetched
     one ahead of the consumer and released as soon as it has moved past them, so the pool
     never holds more than two of them. ``stream=True`` always streams, ``False`` never.
+
+    The file ahead is fetched only if the pool has room for it now: a stream never waits
+    for space while it holds a file, so streams sharing a tight pool (each holding its
+    current file, each needing the next) cannot wait on each other. Without that room, the
+    last tensor of the current file is yielded as a private copy, and the next file is
+    waited for once the consumer has moved past the current one, whose pin then goes: a
+    stream needs room for one file at a time. A consumer that keeps tensors of the files it
+    moved past keeps them in the pool, and is not streaming: its stream may then wait for
+    space up to the daemon's ``--load-timeout``, and fails with a ``CapacityError`` naming
+    the files it still holds.
     """
     if not stream:
         try:
@@ -371,9 +396,15 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
     # tensor the consumer kept still maps its file.
     sessions = (first, get_session(socket, lane="stream-ahead"))
 
-    def fetch(i: int) -> ModelHandle:
+    def fetch(i: int, wait: bool) -> ModelHandle | None:
+        """File ``i``, pinned; None if ``wait`` is False and the pool has no room now."""
         session, rel = sessions[i % 2], order[i]
-        ready = session.open(location, files=[rel], version=version)
+        try:
+            ready = session.open(location, files=[rel], version=version, wait=wait)
+        except CapacityError:
+            if wait:
+                raise
+            return None  # not now: fetched once this stream has let go of its current file
         model = ready.model
         # Released (and evicted first) once the consumer has moved past the file and no
         # tensor of it is left: the pool never counts less than what is mapped.
@@ -384,31 +415,98 @@ def _stream(path: str, socket: str | None) -> Iterator[tuple[str, torch.Tensor]]
             release=lambda: session.release(model, [rel], consumed=True),
         )
 
+    def fetch_after(i: int, passed: list[ModelHandle]) -> ModelHandle:
+        """File ``i``, waiting for room: this stream holds no other file by now, unless the
+        consumer keeps tensors of files it moved past (``passed``)."""
+        for s in sessions:  # what this stream let go of counts before what it asks for
+            s._wait_releases()
+        try:
+            got = fetch(i, True)
+        except CapacityError as e:
+            held = [rel for h in passed if not h.released for rel in h.files]
+            raise CapacityError(
+                f"{location}: streaming needs room for one file at a time, and "
+                f"{order[i]} ({manifest.file(order[i]).size:,} bytes) found none"
+                + (
+                    f" while the consumer still keeps tensors of {', '.join(held)} (a "
+                    "consumer that keeps tensors of the files it moved past is not "
+                    "streaming: the pool must hold all of them)"
+                    if held
+                    else ""
+                )
+                + f": {e}"
+            ) from None
+        assert got is not None
+        return got
+
+    def tensor_names(handle: ModelHandle) -> list[str]:
+        return [
+            t.name
+            for e in handle.manifest.files
+            if e.safetensors is not None and e.path in handle.files
+            for t in e.safetensors.tensors
+        ]
+
     with ThreadPoolExecutor(1, thread_name_prefix="mows-stream") as ahead:
-        pending = ahead.submit(fetch, 0) if order else None
+        pending: Future[ModelHandle | None] | None = None  # fetching the next file ahead
+        nxt: ModelHandle | None = None  # the next file, fetched ahead
+        passed: list[ModelHandle] = []  # files the consumer moved past, pins not yet gone
+        handle: ModelHandle | None = None
+        tensor: torch.Tensor | None = None
         try:
             for i in range(len(order)):
-                assert pending is not None
-                handle = pending.result()
-                pending = None
+                more = i + 1 < len(order)
+                handle, nxt = nxt, None
+                passed = [h for h in passed if not h.released]
+                if handle is None:  # no room was found ahead: wait for it
+                    handle = fetch_after(i, passed)
+                tried = -AHEAD_RETRY
                 with handle:
-                    for item in handle.iter_weights():
-                        yield item
-                        # Back from the consumer, which has let go of the previous file's
-                        # last tensor by now: fetch the next file while it reads this one.
-                        if pending is None and i + 1 < len(order):
-                            pending = ahead.submit(fetch, i + 1)
-                if pending is None and i + 1 < len(order):  # a file without tensors
-                    pending = ahead.submit(fetch, i + 1)
+                    names = tensor_names(handle)
+                    for k, name in enumerate(names):
+                        last = k == len(names) - 1
+                        if more and nxt is None:
+                            if pending is not None and (last or pending.done()):
+                                done, pending = pending, None
+                                nxt = done.result()
+                            # Never waits for space (a stream that waits while it holds a
+                            # file can wait on another that does the same), and only while
+                            # this stream holds just this file (the consumer, back from a
+                            # tensor of it, has let go of the file before): two at most.
+                            if (
+                                nxt is None
+                                and pending is None
+                                and all(h.released for h in passed)
+                                and (last or time.monotonic() - tried >= AHEAD_RETRY)
+                            ):
+                                tried = time.monotonic()
+                                pending = ahead.submit(fetch, i + 1, False)
+                                if last:
+                                    done, pending = pending, None
+                                    nxt = done.result()
+                        tensor = handle.get_tensor(name)
+                        if last and more and nxt is None:
+                            # No room for the next file: it is waited for once this one's
+                            # pin is gone, so the tensor the consumer holds meanwhile (the
+                            # last one it got) must not map this file.
+                            tensor = tensor.clone()
+                        yield name, tensor
+                        tensor = None
+                passed.append(handle)
         except Exception:
             # The error's traceback keeps this frame (and cycles through it: the future that
             # raised it): not the last tensor it yielded, whose mapping keeps its file's pin
             # once the caller is done with the tensor. Not on GeneratorExit (a consumer that
             # stops early): nothing holds the frame then, and a collection costs.
-            item = handle = None  # type: ignore[assignment]
+            tensor = handle = None
+            passed = []
             gc.collect()
             raise
         finally:
+            if nxt is not None:
+                nxt.close()  # fetched ahead, never read: release it
             if pending is not None and not pending.cancel():
                 with contextlib.suppress(MowsError, OSError):
-                    pending.result().close()  # fetched ahead, never read: release it
+                    got = pending.result()
+                    if got is not None:
+                        got.close()  # fetched ahead, never read: release it
