@@ -417,6 +417,7 @@ class Sim:
         self.wend: dict[int, float] = {}
         self.wclosed: list[dict[int, float]] = [{} for _ in range(T)]  # watcher -> last used
         self.log: list[list[int]] = [[] for _ in range(T)]  # each node's first copies
+        self.logged: list[set[int]] = [set() for _ in range(T)]  # (and owned copies)
         self.file_left: list[list[int]] = [[] for _ in range(T)]
         self.remaining = [0] * T
         self.done = [INF] * T
@@ -499,6 +500,14 @@ class Sim:
         changed = np.flatnonzero(np.asarray(old) != np.asarray(new))
         if not changed.size:
             return
+        # Peering.owners_changed: a new owner announces the chunks it holds already (got
+        # from a peer, e.g. from the dead owner before it died)
+        C, alive, LANDED = self.C, self.alive, self.LANDED
+        for c in changed.tolist():
+            o = new[c]
+            if alive[o] and LANDED[o * C + c] <= now and c not in self.logged[o]:
+                self.announce(o, c, now)
+                self.counters["owned copies announced: owner changed"] += 1
         waiting = self.st2[:, changed] == WAITING
         cols = np.flatnonzero(waiting.any(axis=0))
         C, T, WT, REG = self.C, self.total, self.WT, self.REG
@@ -615,6 +624,12 @@ class Sim:
         if r < 0:
             self.REG[i] = o
             self.WC[j] += 1
+        if self.WT[j] and c in self.logged[o]:  # its running watch reported c already
+            self.REP[i] = o
+            self.ST[i] = WAITING
+            self.push(now, E_DECIDE, n, c)
+            self.counters["reported before it waited"] += 1
+            return
         if self.WT[j] == 0:  # no watch running (none yet, or it failed): one starts
             self.wclosed[o].pop(n, None)
             self.counters["watches started"] += 1
@@ -920,10 +935,12 @@ class Sim:
         self.finish(n, c, i, now)
         self.ST[i] = HELD
         self.last_active[n] = now
-        if first:  # read from the origin here: a first copy, in its log, its watches told
-            self.log[n].append(c)
-            self.push(now + self.p.peer_latency, E_REPORT, c, n)
-            self.counters["first copies"] += 1
+        # read from the origin here (a first copy), or got from a peer but ours (the owner
+        # table says so): in its log, its watches told (``ChunkFetcher.obtain``)
+        owned = not first and bool(self.table) and self.table[c] == n
+        if first or owned:
+            self.announce(n, c, now)
+            self.counters["first copies" if first else "owned copies announced"] += 1
         f = self.m.file_of[c]
         left = self.file_left[n]
         if left[f] == self.m.counts[f]:
@@ -941,6 +958,12 @@ class Sim:
             self.members_changed(now)
             self.timeline.append((now, n, "e", -1))
             self.left -= 1
+
+    def announce(self, n: int, c: int, now: float) -> None:
+        if c not in self.logged[n]:
+            self.logged[n].add(c)
+            self.log[n].append(c)
+            self.push(now + self.p.peer_latency, E_REPORT, c, n)
 
     def retry(self, tid: int, now: float, *, failed: bool) -> None:
         """The request came back without the chunk: _from_peers loops."""

@@ -114,8 +114,9 @@ def test_a_watch_reports_first_copies_as_they_land(kind: str) -> None:
     """A loading owner answers a watch as soon as it reads a chunk from the origin (not at
     the end of the wait), with every such chunk past the watcher's position; chunks it got
     from peers are not reported; an empty answer comes at the end of the wait; a file that
-    goes starts a new epoch (read again from 0). ``Have`` lists what it holds. The daemon's
-    real ChunkTable behind a real server."""
+    goes starts a new epoch (read again from 0); chunks announced (ones it came to own) are
+    reported once, if held. ``Have`` lists what it holds. The daemon's real ChunkTable behind
+    a real server."""
     from mows.daemon._chunks import ChunkTable
 
     table = ChunkTable()
@@ -157,6 +158,11 @@ def test_a_watch_reports_first_copies_as_they_land(kind: str) -> None:
             lands(3)
             both = client.watch(address, "m", got.epoch, got.next, 5, "server")
             assert both.chunks == {"g.bin": [0], "f.bin": [3]} and both.next == 3
+            # Owning chunks got from a peer (a dead owner's): announced once, held ones only.
+            table.announce("m", [("f.bin", 2), ("f.bin", 3), ("f.bin", 5), ("f.bin", 2)])
+            owned = client.watch(address, "m", both.epoch, both.next, 5, "server")
+            assert owned.chunks == {"f.bin": [2]} and owned.next == 4
+            both = owned
             # A file that goes: a new epoch; a watcher at the old one reads the rest again.
             table.remove_file("m", "f.bin")
             again = client.watch(address, "m", both.epoch, both.next, 5, "server")

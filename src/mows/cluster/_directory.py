@@ -289,6 +289,9 @@ class Cluster:
         self._stash: _Stash = {}
         self._stash_bytes = 0
         self._crcs_pending: dict[tuple[str, int], list[int]] = {}  # (version, file) -> CRCs
+        # Called with (version, its new owner table) whenever the table changes: chunks this
+        # node now owns but got from a peer must be announced to the peers that wait on it.
+        self.on_owners: Callable[[str, list[str]], None] | None = None
         self._gen = 0  # bumped when a node comes, goes or changes capacity, or the view is replaced
         self._unread: set[str] = set()  # joined versions whose records are still to be read
         self._wake_reader = asyncio.Event()
@@ -921,8 +924,13 @@ class Cluster:
             members = self._members(m)
             if members != m.members:
                 m.table, m.members = owner_table(vid, m.chunks, members), members
+                self._owners_changed(vid, m)
             m.stamp = stamp
         return m.table[index] if m.table else self.node_id
+
+    def _owners_changed(self, vid: str, m: _Model) -> None:
+        if self.on_owners is not None and m.table:
+            self.on_owners(vid, m.table)
 
     async def owners_ready(self, vid: str) -> bool:
         """Make the version's owner table current, computing a large one in a worker thread
@@ -942,6 +950,7 @@ class Cluster:
                 return waited
             if table_cost(m.chunks, len(members)) <= TABLE_INLINE:
                 m.table, m.members, m.stamp = owner_table(vid, m.chunks, members), members, stamp
+                self._owners_changed(vid, m)
                 return waited
             if m.computing is None or m.computing[0] != members:
                 loop = asyncio.get_running_loop()
@@ -956,6 +965,7 @@ class Cluster:
                 m.computing = None
             if self.models.get(vid) is m and m.members != members:
                 m.table, m.members, m.stamp = table, members, None  # checked on the next turn
+                self._owners_changed(vid, m)
         return waited
 
     def _stamp(self, m: _Model) -> tuple[int, int, int]:

@@ -51,10 +51,19 @@ class _Chunk:
 
 @dataclass
 class _Log:
-    """A version's first copies here, in landing order; a new epoch when entries go."""
+    """A version's first copies here (and chunks this node came to own after it got them
+    from a peer), in landing order; a new epoch when entries go."""
 
     epoch: int = field(default_factory=lambda: random.getrandbits(62))
     entries: list[tuple[str, int]] = field(default_factory=list)
+    logged: set[tuple[str, int]] = field(default_factory=set)
+
+    def add(self, path: str, index: int) -> bool:
+        if (path, index) in self.logged:
+            return False
+        self.logged.add((path, index))
+        self.entries.append((path, index))
+        return True
 
 
 @dataclass
@@ -103,9 +112,25 @@ class ChunkTable:
             entry = self._files.get((model, path))
             if entry is not None:
                 entry.chunks[index] = _Chunk(offset, length, crc, digest)
-                if first_copy:
-                    self._logs.setdefault(model, _Log()).entries.append((path, index))
+                if first_copy and self._logs.setdefault(model, _Log()).add(path, index):
                     self._landed.notify_all()
+
+    def held_chunks(self, model: str) -> list[tuple[str, int]]:
+        """(path, index) of every chunk of the version served here now."""
+        with self._lock:
+            return [(p, i) for (m, p), e in self._files.items() if m == model for i in e.chunks]
+
+    def announce(self, model: str, chunks: list[tuple[str, int]]) -> None:
+        """Tell watchers of these held chunks, as if first copies: this node came to own
+        them (a dead owner's) after a peer sent them, and peers now wait on it for them."""
+        with self._lock:
+            grew = False
+            for path, index in chunks:
+                entry = self._files.get((model, path))
+                if entry is not None and index in entry.chunks:
+                    grew = self._logs.setdefault(model, _Log()).add(path, index) or grew
+            if grew:
+                self._landed.notify_all()
 
     def remove_file(self, model: str, path: str) -> None:
         with self._lock:
@@ -115,8 +140,8 @@ class ChunkTable:
                 kept = [e for e in log_.entries if e[0] != path]
                 if not any(m == model for m, _ in self._files):
                     del self._logs[model]  # nothing of the version left here
-                elif len(kept) < len(log_.entries):
-                    self._logs[model] = _Log(entries=kept)  # a new epoch: read it again
+                elif len(kept) < len(log_.entries):  # a new epoch: read it again
+                    self._logs[model] = _Log(entries=kept, logged=set(kept))
                 self._landed.notify_all()
         if entry is not None:
             os.close(entry.fd)

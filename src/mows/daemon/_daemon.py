@@ -87,6 +87,7 @@ class Daemon:
             self.pool.on_remove = self.peering.file_removed
             self.pool.on_commit = self.peering.file_ready
             self.chunks.on_rotten = self._rotten_threadsafe
+            self.peering.cluster.on_owners = self._owners_changed
             await self.peering.start(",".join(self.config.etcd))
             for v in list(self.pool.versions.values()):  # adopted: serve them to peers now
                 if not v.superseded:
@@ -214,6 +215,11 @@ class Daemon:
     def _rotten_threadsafe(self, vid: str, rel: str) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._rotten, vid, rel)
+
+    def _owners_changed(self, vid: str, table: list[str]) -> None:
+        v = self.pool.versions.get(vid)
+        if v is not None and self.peering is not None:
+            self.peering.owners_changed(v, table)
 
     def _rotten(self, vid: str, rel: str) -> None:
         """A file's bytes no longer match a chunk's CRC (memory gone bad since it was checked):

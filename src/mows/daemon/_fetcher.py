@@ -8,9 +8,12 @@ else a node holding part of the file whose ``Have`` lists it; else the origin.
 
 Waiting for owners holds no transfer thread: this node keeps one long poll (``watch``) per
 (version, owner) it waits on, answered with every chunk the owner read from the origin, as
-each lands. So the transfer threads only carry chunks their holder has: with thousands of
-chunks waiting at hundreds of owners, a chunk that landed is never queued behind requests
-waiting for chunks that have not.
+each lands, and with those it came to own holding them already (a dead owner's chunks it got
+from that owner: without this its peers would wait on it until it held their whole file); a
+chunk that starts waiting on an owner whose watch reported it already is fetched at once. So
+the transfer threads only carry chunks their holder has: with thousands of chunks waiting at
+hundreds of owners, a chunk that landed is never queued behind requests waiting for chunks
+that have not.
 
 A chunk goes straight into its pool file's mapping from a worker thread. Peer transfers have
 workers of their own: queued behind origin reads they would wait for the origin, and a cold
@@ -160,6 +163,9 @@ class ChunkFetcher:
         self._watched: dict[tuple[str, str], set[tuple[str, str, int]]] = {}
         self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._reported: dict[tuple[str, str, int], str] = {}
+        # (vid, node) -> the chunks its running watch reported: a chunk that waits on the
+        # node only later (its owner changed) is not reported again by the same watch.
+        self._seen: dict[tuple[str, str], set[tuple[str, int]]] = {}
         self._watch_threads = ThreadPoolExecutor(WATCH_THREADS, thread_name_prefix="mows-watch")
 
     @property
@@ -197,7 +203,12 @@ class ChunkFetcher:
         else:
             crc, digest = got.crc, got.digest
         if self.peering is not None:
-            self.peering.held(target.version, chunk, crc, digest, first_copy=got is None)
+            # Reported to the peers that wait on us if read here, or ours to report (we own it,
+            # and got it from a whole-file holder or a reporter first): they wait on its owner.
+            v, cluster = target.version, self.peering.cluster
+            owned = cluster.chunk_owner(v.id, v.chunk_range(chunk.path)[chunk.index])
+            first = got is None or owned == cluster.node_id
+            self.peering.held(v, chunk, crc, digest, first_copy=first)
         return crc
 
     @contextlib.asynccontextmanager
@@ -323,6 +334,9 @@ class ChunkFetcher:
             self._watched.setdefault((vid, node), set()).add(key)
         elif w.woken.done():
             w.woken = asyncio.get_running_loop().create_future()
+        if key[1:] in self._seen.get((vid, node), ()):
+            self._reported[key] = node  # reported before this chunk waited on it
+            return
         task = self._watches.get((vid, node))
         if task is None or task.done():  # none yet, or it ended (e.g. it failed before)
             self._watches[(vid, node)] = asyncio.ensure_future(self._watch(vid, node))
@@ -364,9 +378,13 @@ class ChunkFetcher:
                     self._trip(node)
                     self.counters.peer_failures += 1
                     return
+                seen = self._seen.setdefault((vid, node), set())
+                if landed.epoch != epoch:
+                    seen.clear()  # its log changed: read again from its start
                 epoch, since = landed.epoch, landed.next
                 for path, indices in landed.chunks.items():
                     for i in indices:
+                        seen.add((path, i))
                         w = self._waits.get((vid, path, i))
                         if w is not None:
                             self._reported[(vid, path, i)] = node
@@ -375,6 +393,7 @@ class ChunkFetcher:
         finally:
             if self._watches.get((vid, node)) is asyncio.current_task():
                 del self._watches[(vid, node)]
+                self._seen.pop((vid, node), None)
             for key in self._watched.get((vid, node), ()):
                 w = self._waits.get(key)
                 if w is not None and not w.woken.done():

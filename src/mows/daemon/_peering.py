@@ -170,6 +170,19 @@ class Peering:
         False: it stays, served). No send starts after a True."""
         return self.chunks.withdraw(f.version.id, f.rel)
 
+    def owners_changed(self, version: Version, table: list[str]) -> None:
+        """The version's owner table changed: the chunks we hold and now own (a dead owner's,
+        got from a peer before it died) are announced to our watchers like first copies;
+        else peers would wait on us for them until we held their whole file."""
+        me = self.node_id
+        mine = [
+            (path, i)
+            for path, i in self.chunks.held_chunks(version.id)
+            if table[version.chunk_range(path)[i]] == me
+        ]
+        if mine:
+            self.chunks.announce(version.id, mine)
+
     def is_last_copy(self, f: PoolFile) -> bool:
         """Would evicting ``f`` drop the cluster's last whole copy of it?"""
         if not self.cluster.healthy:
