@@ -27,7 +27,7 @@ from .. import _protocol as p
 from .._config import DaemonConfig
 from .._errors import AccessDeniedError, ConfigError, DaemonError, MowsError
 from ..cluster import NodeInfo
-from ..pool import FileState
+from ..pool import FileState, PoolFile
 from ..sources import Source, open_source
 from ..sources._local import LocalSource
 from ._api import LocalApi
@@ -67,6 +67,7 @@ class Daemon:
         self.loads = LoadService(config, self.pool, self.fetcher, self.counters, None, self.source)
         self.prefetcher: Prefetcher | None = None
         self.scrubber = Scrubber(config, self.pool, self.loads)
+        self.pool.sending = self._reading  # files read now are not evicted (see Pool.sending)
         self.api = LocalApi(config.socket, config.socket_mode, self)
         self._roots = [_canonical_root(r) for r in config.roots]
 
@@ -82,7 +83,6 @@ class Daemon:
             self.peering = Peering(self.config, self.chunks, self.node_info)
             self.fetcher.peering = self.loads.peering = self.peering
             self.pool.last_copy = self.peering.is_last_copy
-            self.pool.sending = self.peering.sending
             self.pool.stop_serving = self.peering.stop_serving
             self.pool.on_remove = self.peering.file_removed
             self.pool.on_commit = self.peering.file_ready
@@ -215,6 +215,11 @@ class Daemon:
     def _rotten_threadsafe(self, vid: str, rel: str) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._rotten, vid, rel)
+
+    def _reading(self, f: PoolFile) -> bool:
+        """Is ``f`` being read now by a peer's send or by the scrub?"""
+        sent = self.peering is not None and self.peering.sending(f)
+        return sent or self.scrubber.reading is f
 
     def _owners_changed(self, vid: str, table: list[str]) -> None:
         v = self.pool.versions.get(vid)

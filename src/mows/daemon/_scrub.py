@@ -117,6 +117,7 @@ class Scrubber:
         self.last_pass: dict[str, object] | None = None
         self.state = "idle"
         self._current: _Pass | None = None
+        self.reading: PoolFile | None = None  # the file a chunk is being read from now
         self._slot = 0.0  # the pacer's next free time (loop clock)
         self._last_bytes = 0  # of the last pass that ran to its end
         self._waiters: list[asyncio.Future[dict[str, object]]] = []
@@ -247,9 +248,13 @@ class Scrubber:
                 if not self._held(f):
                     break
                 self.state = "running"
-                got = await loop.run_in_executor(
-                    self.executor, chunk_crc, f.path, c.offset, c.length
-                )
+                self.reading = f  # not evicted meanwhile: our descriptor would keep its pages
+                try:
+                    got = await loop.run_in_executor(
+                        self.executor, chunk_crc, f.path, c.offset, c.length
+                    )
+                finally:
+                    self.reading = None
                 if not self._held(f):
                     break  # evicted while being read: what was read proves nothing
                 p.chunks += 1

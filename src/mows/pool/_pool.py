@@ -78,8 +78,9 @@ class Pool:
         self.on_commit: Callable[[PoolFile], None] | None = None  # a file became READY
         self.on_forget: Callable[[Version], None] | None = None  # a version left for good
         self.on_change: Callable[[], None] | None = None  # space may have been freed
-        # Is a peer being sent some of this file now? Such a file is not evicted: the send's
-        # descriptor would keep its pages, which the cap no longer counts, past the unlink.
+        # Is this file being read now (a peer sent some of it, the scrub)? Such a file is not
+        # evicted: the reader's descriptor would keep its pages, which the cap no longer
+        # counts, past the unlink.
         # ``stop_serving`` (at eviction) checks the same and, if none is, ends the serving
         # in one step (no send starts after it): False means keep it, one began meanwhile.
         self.sending: Callable[[PoolFile], bool] | None = None
