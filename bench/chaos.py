@@ -500,7 +500,38 @@ class Chaos:
                 self.broken = f"t={self.now():.1f}s: {why}"
         if first:  # what every daemon says now, for the post-mortem
             self.at_break = {f"n{i}": self.status(i) for i in range(self.args.nodes)}
+            self.dump_stacks()
         self.stop.set()
+
+    def dump_stacks(self) -> None:
+        """Where a hung load waits: every live daemon logs its tasks' and threads' stacks
+        (SIGUSR1), and py-spy (if installed) dumps its threads beside its log (--keep keeps
+        them)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(spy):
+            return
+        for i, p in list(self.daemons.items()):
+            if p.poll() is None:
+                with contextlib.suppress(OSError):
+                    p.send_signal(signal.SIGUSR1)  # its tasks' stacks, into its log
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    r = subprocess.run(
+                        [spy, "dump", "--pid", str(p.pid)],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )
+                    self.log(f"stacks-n{i}").write_text(r.stdout + r.stderr)
+        for (i, slot), p in list(self.workers.items()):  # and the clients: where they wait
+            if p.poll() is None:
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    r = subprocess.run(
+                        [spy, "dump", "--pid", str(p.pid)],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )
+                    self.log(f"stacks-client-n{i}-{slot}").write_text(r.stdout + r.stderr)
 
     def sample(self) -> None:
         try:

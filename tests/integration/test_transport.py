@@ -352,6 +352,34 @@ def test_a_pooled_connection_closed_while_idle_is_replaced() -> None:
             client.close()
 
 
+def test_a_fresh_connection_is_made_when_the_pool_is_full_of_idle_ones() -> None:
+    """The retry after a stale pooled connection asks for a fresh one: with the pool at its
+    cap and the rest idle, an idle one makes room. Before, it waited for a release that,
+    with every other connection idle, never came (a chaos run: fetches hung after a peer's
+    restart left stale connections in the pool)."""
+    with tcp_server(idle_timeout=0.5) as server:
+        client = TcpPeerClient(node="client", secret=SECRET, timeout=5, connections=2)
+        try:
+            held = [client._acquire(server.address, "s") for _ in range(2)]
+            for c in held:  # two connections, both pooled idle
+                client._release(server.address, c, True)
+            assert client._count[(server.address, False)] == 2
+            time.sleep(1.5)  # the server drops both: stale
+            got: list[Any] = []
+            asker = threading.Thread(
+                target=lambda: got.append(client._acquire(server.address, "s", True)),
+                daemon=True,  # (it waited forever before: the test must not)
+            )
+            asker.start()
+            asker.join(10)
+            assert got, "a fresh connection waited for a release that never comes"
+            client._release(server.address, got[0], True)
+            assert client._count[(server.address, False)] == 2
+            _fetch_one(client, server)
+        finally:
+            client.close()
+
+
 def test_ucx_port_is_bounded() -> None:
     """UCX: a connection that never completes its handshake is dropped at the deadline, one
     past the cap is refused at once, and the port still serves a real peer afterwards."""

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import os
 import signal
+import sys
+import threading
+import traceback
 from collections.abc import Callable
 from urllib.parse import unquote
 
@@ -131,6 +135,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_logged)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         try:
             await self._stopping.wait()
             await self.drain()
@@ -325,9 +330,26 @@ def _canonical_root(root: str) -> str:
 
 
 def run_daemon(config: DaemonConfig, reload: Callable[[], DaemonConfig] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP calls ``reload`` for a new model list."""
+    """Run until SIGTERM/SIGINT; SIGHUP calls ``reload`` for a new model list; SIGUSR1 logs
+    where every task and thread is (a load that seems stuck)."""
 
     async def main() -> None:
         await Daemon(config, reload).serve_forever()
 
     asyncio.run(main())
+
+
+def _dump_tasks() -> None:
+    """Log every asyncio task's suspended stack and every thread's: where work waits."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        out.write(f"\n--- {task!r}\n")
+        for f in task.get_stack(limit=12):  # (print_stack fails on Cython frames: no line)
+            out.write(f"  {f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}\n")
+    frames = sys._current_frames()
+    for t in threading.enumerate():
+        frame = frames.get(t.ident or -1)
+        if frame is not None:
+            out.write(f"\n--- thread {t.name}\n")
+            out.write("".join(traceback.format_stack(frame, limit=12)))
+    log.warning("SIGUSR1: tasks and threads:%s", out.getvalue())

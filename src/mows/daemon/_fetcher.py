@@ -218,7 +218,10 @@ class ChunkFetcher:
         if self.peering is None:
             yield  # the origin workers are the limit
             return
+        asked = time.monotonic()
         await self._origin_gate.enter(lambda: self._origin_limit(vid))
+        if time.monotonic() - asked > WAIT_MAX:
+            log.debug("waited %.0fs for an origin read's turn", time.monotonic() - asked)
         try:
             yield
         finally:
@@ -340,7 +343,9 @@ class ChunkFetcher:
         task = self._watches.get((vid, node))
         if task is None or task.done():  # none yet, or it ended (e.g. it failed before)
             self._watches[(vid, node)] = asyncio.ensure_future(self._watch(vid, node))
-        await asyncio.wait([w.woken], timeout=WAIT_MAX)
+        done, _ = await asyncio.wait([w.woken], timeout=WAIT_MAX)
+        if not done:
+            log.debug("%s chunk %d: still waiting for its owner %s to report it", *key[1:], node)
 
     def _unwatch(self, vid: str, node: str, key: tuple[str, str, int]) -> None:
         keys = self._watched.get((vid, node))

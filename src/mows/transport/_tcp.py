@@ -321,6 +321,9 @@ class TcpPeerClient(PeerClient):
                 if self._count[key] < self._max:
                     self._count[key] += 1
                     break
+                if self._idle[key]:  # fresh, and the pool full: an idle one makes room
+                    self._idle[key].pop(0).sock.close()  # (else no release might ever come)
+                    break
                 self._cond.wait()
         sock: socket.socket | None = None
         try:
