@@ -22,13 +22,12 @@ def test_origin_streams_spread_the_cluster_budget_over_members() -> None:
         assert origin_streams(64, members) * members < CLUSTER_ORIGIN_STREAMS + members
 
 
-async def _holders_at_most(gate: _Gate, limit: list[int], tasks: int) -> int:
-    peak = 0
-    inside = 0
+async def _peak(gate: _Gate, tasks: int) -> int:
+    peak = inside = 0
 
     async def one() -> None:
         nonlocal peak, inside
-        await gate.enter(lambda: limit[0])
+        await gate.enter()
         try:
             inside += 1
             peak = max(peak, inside)
@@ -42,20 +41,20 @@ async def _holders_at_most(gate: _Gate, limit: list[int], tasks: int) -> int:
 
 
 def test_the_gate_holds_its_limit_and_lets_everyone_through() -> None:
-    gate = _Gate()
-    assert asyncio.run(_holders_at_most(gate, [3], 50)) == 3
-    assert gate.busy == 0
+    gate = _Gate(lambda: 3)
+    assert asyncio.run(_peak(gate, 50)) == 3
+    assert gate.idle
 
 
-def test_a_rising_limit_admits_waiters_without_a_release() -> None:
+def test_a_rising_limit_admits_waiters_at_the_next_release() -> None:
     async def run() -> int:
-        gate = _Gate()
         limit = [1]
-        await gate.enter(lambda: limit[0])  # held: the others wait
+        gate = _Gate(lambda: limit[0])
+        await gate.enter()  # held: the others wait
         entered: list[int] = []
 
         async def waiter(k: int) -> None:
-            await gate.enter(lambda: limit[0])
+            await gate.enter()
             entered.append(k)
 
         tasks = [asyncio.ensure_future(waiter(k)) for k in range(3)]
@@ -64,20 +63,44 @@ def test_a_rising_limit_admits_waiters_without_a_release() -> None:
         limit[0] = 4
         gate.leave()  # one release: all three fit under the new limit
         await asyncio.wait_for(asyncio.gather(*tasks), 1.0)
+        assert entered == [0, 1, 2]  # in the order they came
         return gate.busy
 
     assert asyncio.run(run()) == 3
 
 
+def test_a_newcomer_does_not_overtake_a_waiter() -> None:
+    """A slot that frees goes to the longest waiter, not to whoever asks next."""
+
+    async def run() -> list[str]:
+        gate = _Gate(lambda: 1)
+        order: list[str] = []
+        await gate.enter()
+
+        async def take(name: str) -> None:
+            await gate.enter()
+            order.append(name)
+            gate.leave()
+
+        waiting = asyncio.ensure_future(take("waiter"))
+        await asyncio.sleep(0.01)
+        gate.leave()  # handed to the waiter ...
+        newcomer = asyncio.ensure_future(take("newcomer"))  # ... before this one asks
+        await asyncio.wait_for(asyncio.gather(waiting, newcomer), 1.0)
+        return order
+
+    assert asyncio.run(run()) == ["waiter", "newcomer"]
+
+
 def test_a_cancelled_waiter_passes_its_turn_on() -> None:
     async def run() -> None:
-        gate = _Gate()
-        await gate.enter(lambda: 1)
-        first = asyncio.ensure_future(gate.enter(lambda: 1))
-        second = asyncio.ensure_future(gate.enter(lambda: 1))
+        gate = _Gate(lambda: 1)
+        await gate.enter()
+        first = asyncio.ensure_future(gate.enter())
+        second = asyncio.ensure_future(gate.enter())
         await asyncio.sleep(0.01)
-        gate.leave()  # wakes the first ...
-        first.cancel()  # ... cancelled before it ran: the second must get the turn
+        gate.leave()  # hands the slot to the first ...
+        first.cancel()  # ... cancelled before it ran: the second must get it
         with pytest.raises(asyncio.CancelledError):
             await first
         await asyncio.wait_for(second, 1.0)

@@ -155,7 +155,10 @@ class ChunkFetcher:
         self._inflight: dict[str, int] = {}  # peer node -> chunk requests in flight
         self._breakers: dict[str, _Breaker] = {}
         self._haves: dict[tuple[str, str, str], tuple[float, bytes]] = {}  # (node, vid, path)
-        self._origin_gate = _Gate()
+        # Origin reads: a gate per version (``origin_streams`` of its members) inside one
+        # for the node (its workers; half of them while the cluster is degraded).
+        self._origin_gates: dict[str, _Gate] = {}
+        self._node_gate = _Gate(self._node_origin_limit)
         self._grace = max(OWNER_GRACE, 2 * config.lease_ttl)
         # Waiting for owners: (vid, path, index) -> its wait; (vid, node) -> the chunks
         # waiting on it and the watch that reports them; chunk -> who reported it.
@@ -206,8 +209,11 @@ class ChunkFetcher:
             # Reported to the peers that wait on us if read here, or ours to report (we own it,
             # and got it from a whole-file holder or a reporter first): they wait on its owner.
             v, cluster = target.version, self.peering.cluster
-            owned = cluster.chunk_owner(v.id, v.chunk_range(chunk.path)[chunk.index])
-            first = got is None or owned == cluster.node_id
+            first = got is None
+            if not first:
+                await cluster.owners_ready(v.id)  # a large table is computed off the loop
+                owner = cluster.chunk_owner(v.id, v.chunk_range(chunk.path)[chunk.index])
+                first = owner == cluster.node_id
             self.peering.held(v, chunk, crc, digest, first_copy=first)
         return crc
 
@@ -218,21 +224,42 @@ class ChunkFetcher:
         if self.peering is None:
             yield  # the origin workers are the limit
             return
+        gate = self._origin_gates.get(vid)
+        if gate is None:
+            gate = self._origin_gates[vid] = _Gate(lambda: self._origin_limit(vid))
         asked = time.monotonic()
-        await self._origin_gate.enter(lambda: self._origin_limit(vid))
+        try:
+            await gate.enter()
+        except BaseException:
+            if gate.idle and self._origin_gates.get(vid) is gate:
+                del self._origin_gates[vid]
+            raise
+        try:
+            await self._node_gate.enter()
+        except BaseException:
+            self._leave(vid, gate)
+            raise
         if time.monotonic() - asked > WAIT_MAX:
             log.debug("waited %.0fs for an origin read's turn", time.monotonic() - asked)
         try:
             yield
         finally:
-            self._origin_gate.leave()
+            self._node_gate.leave()
+            self._leave(vid, gate)
+
+    def _leave(self, vid: str, gate: _Gate) -> None:
+        gate.leave()
+        if gate.idle and self._origin_gates.get(vid) is gate:
+            del self._origin_gates[vid]
 
     def _origin_limit(self, vid: str) -> int:
         assert self.peering is not None
-        cluster = self.peering.cluster
+        return origin_streams(self.config.workers, len(self.peering.cluster.interested(vid)))
+
+    def _node_origin_limit(self) -> int:
         workers = self.config.workers
-        limit = origin_streams(workers, len(cluster.interested(vid)))
-        return min(limit, max(1, workers // 2)) if cluster.degraded else limit
+        degraded = self.peering is not None and self.peering.cluster.degraded
+        return max(1, workers // 2) if degraded else workers
 
     async def _from_peers(
         self, target: FillTarget, chunk: Chunk, wait_for_owner: bool
@@ -519,36 +546,41 @@ class ChunkFetcher:
 
 class _Gate:
     """At most ``limit()`` holders at once, the limit read again at each turn (a version's
-    members come and go); waiters are woken one at a time, in order."""
+    members come and go). First come, first served: a slot that frees is handed to the
+    longest waiter, never taken by a newcomer."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
         self.busy = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def enter(self, limit: Callable[[], int]) -> None:
-        while self.busy >= limit():
-            woken = asyncio.get_running_loop().create_future()
-            self._waiters.append(woken)
-            try:
-                await woken
-            except asyncio.CancelledError:
-                if woken.done() and not woken.cancelled():
-                    self._wake()  # woken, then cancelled: the turn passes on
-                raise
-        self.busy += 1
-        if self.busy < limit():
-            self._wake()  # the limit rose: the next waiter may enter too
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self._waiters
+
+    async def enter(self) -> None:
+        if not self._waiters and self.busy < self.limit():
+            self.busy += 1
+            return
+        handed = asyncio.get_running_loop().create_future()
+        self._waiters.append(handed)
+        try:
+            await handed  # the slot is ours when this is set (``_hand`` counted it)
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.leave()  # handed a slot, then cancelled: it passes on
+            raise
 
     def leave(self) -> None:
         self.busy -= 1
-        self._wake()
+        self._hand()
 
-    def _wake(self) -> None:
-        while self._waiters:
+    def _hand(self) -> None:
+        while self._waiters and self.busy < self.limit():  # (the limit may have risen)
             w = self._waiters.popleft()
             if not w.done():
+                self.busy += 1
                 w.set_result(None)
-                return
 
 
 class _RandomOrderExecutor(ThreadPoolExecutor):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._wire import Have, HaveRequest, Landed, Received, WatchRequest
@@ -28,9 +28,14 @@ class ServedChunk:
     # The store's: called once the send ended and ``fd`` is closed (it counts sends in
     # flight: a pool file is not evicted while its pages are being sent from).
     on_close: Callable[[], None] | None = None
+    _closed: bool = field(default=False, compare=False, repr=False)
 
     def close(self) -> None:
-        """The send ended (done or failed): closes ``fd``, then tells the store."""
+        """The send ended (done or failed): closes ``fd``, then tells the store. Once: a
+        second call does nothing (the store counts sends in flight)."""
+        if self._closed:
+            return
+        object.__setattr__(self, "_closed", True)
         try:
             os.close(self.fd)
         finally:

@@ -189,9 +189,13 @@ class UcxPeerServer(PeerServer):
                 chunk = await asyncio.get_running_loop().run_in_executor(
                     self._waits, self._store.open_chunk, req.model, req.path, req.index
                 )
-                await asyncio.wait_for(
-                    self._send_chunk(ep, channel, req, chunk, hs.client), SEND_TIMEOUT
-                )
+                try:
+                    await asyncio.wait_for(
+                        self._send_chunk(ep, channel, req, chunk, hs.client), SEND_TIMEOUT
+                    )
+                finally:  # (also when cancelled before the send began: its fd, its count)
+                    if chunk is not None:
+                        chunk.close()
         except (ProtocolError, PeerError) as e:
             log.warning("dropping UCX peer connection: %s", e)
         except Exception as e:
