@@ -216,7 +216,13 @@ class ModelHandle:
                 raise MowsError("the model handle is closed")
             m = self._maps.get(rel)
             if m is None:
-                fd = os.open(self.files[rel], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(self.files[rel], os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # retired (it failed a scrub) before we mapped it
+                    raise MowsError(
+                        f"{rel} was taken out of the pool after this model was opened (its "
+                        "bytes failed a check): open the model again"
+                    ) from None
                 try:
                     # Held by the mapping's own descriptor (mmap keeps a duplicate) for as
                     # long as it lives: a daemon restarted meanwhile, which never saw our

@@ -71,6 +71,7 @@ class _Entry:
     fd: int  # our own descriptor of the pool file; survives the partial -> final rename
     chunks: dict[int, _Chunk] = field(default_factory=dict)
     sending: int = 0  # sends in flight, each on a descriptor of its own (see ``withdraw``)
+    draining: bool = False  # to be evicted: no new send starts (see ``drain``)
 
 
 class ChunkTable:
@@ -161,6 +162,14 @@ class ChunkTable:
         os.close(entry.fd)
         return True  # (its log entries go with ``remove_file``, which the eviction calls)
 
+    def drain(self, model: str, path: str) -> None:
+        """A file chosen for eviction while being sent: no new send of it starts (a peer
+        asking is told it is not held), so the sends in flight end and it can go."""
+        with self._lock:
+            entry = self._files.get((model, path))
+            if entry is not None:
+                entry.draining = True
+
     def sending(self, model: str, path: str) -> bool:
         """Is a peer being sent a chunk of this file now?"""
         with self._lock:
@@ -178,7 +187,7 @@ class ChunkTable:
     def open_chunk(self, model: str, path: str, index: int) -> ServedChunk | None:
         with self._lock:
             entry = self._files.get((model, path))
-            if entry is None or index not in entry.chunks:
+            if entry is None or entry.draining or index not in entry.chunks:
                 return None
             c = entry.chunks[index]
             fd = os.dup(entry.fd)

@@ -88,6 +88,7 @@ class Daemon:
             self.fetcher.peering = self.loads.peering = self.peering
             self.pool.last_copy = self.peering.is_last_copy
             self.pool.stop_serving = self.peering.stop_serving
+            self.pool.drain = self.peering.drain
             self.pool.on_remove = self.peering.file_removed
             self.pool.on_commit = self.peering.file_ready
             self.chunks.on_rotten = self._rotten_threadsafe

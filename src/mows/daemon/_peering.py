@@ -165,6 +165,10 @@ class Peering:
         """Is a peer being sent a chunk of ``f`` now (see ``Pool.sending``)?"""
         return self.chunks.sending(f.version.id, f.rel)
 
+    def drain(self, f: PoolFile) -> None:
+        """``f`` is to be evicted but is being sent: no new send of it starts."""
+        self.chunks.drain(f.version.id, f.rel)
+
     def stop_serving(self, f: PoolFile) -> bool:
         """``f`` is to be evicted: stop serving it unless a send from it is in flight (then
         False: it stays, served). No send starts after a True."""

@@ -85,6 +85,9 @@ class Pool:
         # in one step (no send starts after it): False means keep it, one began meanwhile.
         self.sending: Callable[[PoolFile], bool] | None = None
         self.stop_serving: Callable[[PoolFile], bool] | None = None
+        # A victim passed over because it is being sent: no new send of it starts, so it
+        # is evictable at the next look (else a file peers keep reading never would be).
+        self.drain: Callable[[PoolFile], None] | None = None
         self.used_bytes = 0
         # Taken out of service while clients held them (``retire``): no longer in any
         # version, their pages counted until the last hold goes.
@@ -294,6 +297,8 @@ class Pool:
             if enough is not None and freed >= enough:
                 break
             if self.sending is not None and self.sending(f):
+                if self.drain is not None:
+                    self.drain(f)
                 continue
             if f.state is FileState.READY and _mapped_by_a_client(f.path):
                 continue
