@@ -46,15 +46,14 @@ class EditingRelay:
         self.edited = 0
         self.crc_kept = True  # every edit kept the chunk's CRC-32: the CRC alone would pass
         self.errors: list[BaseException] = []
-        self._conns: list[socket.socket] = []
+        self._conns = _Sockets()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                down, _ = self.sock.accept()
-                up = socket.create_connection(("127.0.0.1", self.upstream))
-                self._conns += [down, up]
+                down = self._conns.add(self.sock.accept()[0])
+                up = self._conns.add(socket.create_connection(("127.0.0.1", self.upstream)))
                 threading.Thread(target=self._pipe, args=(down, up), daemon=True).start()
                 threading.Thread(target=self._edit, args=(up, down), daemon=True).start()
 
@@ -105,7 +104,31 @@ class EditingRelay:
 
     def close(self) -> None:
         self.sock.close()
-        for s in self._conns:
+        self._conns.close()
+
+
+class _Sockets:
+    """A relay's connections, every one closed by ``close``, also one accepted while it
+    runs (a socket left to the garbage collector is an unraisable ResourceWarning)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._closed = False
+
+    def add(self, s: socket.socket) -> socket.socket:
+        with self._lock:
+            if not self._closed:
+                self._open.append(s)
+                return s
+        s.close()
+        raise OSError("the relay is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._open = self._open, []
+        for s in conns:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -160,13 +183,14 @@ class CapturingRelay:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.seen = bytearray()
+        self._conns = _Sockets()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                down, _ = self.sock.accept()
-                up = socket.create_connection(self.upstream)
+                down = self._conns.add(self.sock.accept()[0])
+                up = self._conns.add(socket.create_connection(self.upstream))
                 threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
                 threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
 
@@ -179,6 +203,7 @@ class CapturingRelay:
 
     def close(self) -> None:
         self.sock.close()
+        self._conns.close()
 
 
 def test_encrypted_chunks_are_opaque_on_the_wire_and_still_verified() -> None:
