@@ -507,22 +507,16 @@ class Chaos:
         """Where a hung load waits: every live daemon logs its tasks' and threads' stacks
         (SIGUSR1), and py-spy (if installed) dumps its threads beside its log (--keep keeps
         them)."""
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        if not os.path.exists(spy):
-            return
-        for i, p in list(self.daemons.items()):
+        for p in list(self.daemons.values()):
             if p.poll() is None:
                 with contextlib.suppress(OSError):
                     p.send_signal(signal.SIGUSR1)  # its tasks' stacks, into its log
-                with contextlib.suppress(subprocess.SubprocessError, OSError):
-                    r = subprocess.run(
-                        [spy, "dump", "--pid", str(p.pid)],
-                        capture_output=True,
-                        text=True,
-                        timeout=30,
-                    )
-                    self.log(f"stacks-n{i}").write_text(r.stdout + r.stderr)
-        for (i, slot), p in list(self.workers.items()):  # and the clients: where they wait
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(spy):
+            return
+        procs = [(f"n{i}", p) for i, p in self.daemons.items()]
+        procs += [(f"client-n{i}-{slot}", p) for (i, slot), p in self.workers.items()]
+        for name, p in procs:  # the clients too: where they wait
             if p.poll() is None:
                 with contextlib.suppress(subprocess.SubprocessError, OSError):
                     r = subprocess.run(
@@ -531,7 +525,7 @@ class Chaos:
                         text=True,
                         timeout=30,
                     )
-                    self.log(f"stacks-client-n{i}-{slot}").write_text(r.stdout + r.stderr)
+                    self.log(f"stacks-{name}").write_text(r.stdout + r.stderr)
 
     def sample(self) -> None:
         try:
