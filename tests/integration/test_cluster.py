@@ -271,6 +271,7 @@ def test_ucx_transport_in_the_daemon(daemon_factory: Any, etcd: Any, tmp_path: P
         daemon_factory, etcd, tmp_path, 2, "--nic", "ucx", "--cluster-secret-file", str(secret)
     )
     load_all(nodes[:1], model)
+    wait_published(nodes[0], nodes[1], 16 << 20)  # else B co-owns, and reads, half of it
     with mows.open_model(model, socket=nodes[1].socket, fallback=False) as h:
         assert h.stats["bytes_from_peers"] == h.stats["bytes"]
         assert_same_as_files(h.state_dict(), model)

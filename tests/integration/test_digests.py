@@ -141,12 +141,13 @@ def test_crc_preserving_forgery_at_the_origin_is_caught(
 def test_peer_fills_are_checked_against_the_digests(
     daemon_factory: Any, etcd: Any, tmp_path: Path
 ) -> None:
-    from tests.integration.test_cluster import start_nodes
+    from tests.integration.test_cluster import start_nodes, wait_published
 
     m = make_random_model(tmp_path / "m", 16, files=2)
     generate_both(m)
     a, b = start_nodes(daemon_factory, etcd, tmp_path, 2)
     mows.open_model(m, socket=a.socket, fallback=False).close()
+    wait_published(a, b, 16 << 20)
     with mows.open_model(m, socket=b.socket, fallback=False) as h:  # every byte from a
         assert h.stats["bytes_from_peers"] == h.stats["bytes"]
         assert all(f.sha256 is not None for f in h.manifest.files)

@@ -22,7 +22,7 @@ from mows.cluster._directory import _Held, _Model, placement_weight
 from mows.cluster._etcd import EtcdSecurity, open_client
 from tests.conftest import free_port
 from tests.daemons import DaemonProcess, EtcdProcess, make_manifest, make_random_model
-from tests.integration.test_cluster import FAST, load_all, start_nodes
+from tests.integration.test_cluster import FAST, load_all, start_nodes, wait_published
 from tests.integration.test_daemon import _wait, assert_same_as_files
 
 _enc = msgspec.msgpack.Encoder()
@@ -275,6 +275,7 @@ def test_tls_with_client_certificates(daemon_factory: Any, tmp_path: Path, pki: 
         assert all(d.status()["cluster"]["healthy"] for d in (a, b))
         model = make_random_model(tmp_path / "m", 8, files=1)
         load_all([a], model)
+        wait_published(a, b, 8 << 20)
         with mows.open_model(model, socket=b.socket, fallback=False) as h:
             assert h.stats["bytes_from_peers"] == h.stats["bytes"]
         # Without a client certificate, etcd refuses the TLS handshake.
