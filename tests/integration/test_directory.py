@@ -172,3 +172,39 @@ def test_holdings_seen_before_a_join_are_known_at_once() -> None:
     assert c.interested("fp") == {"me", "peer"}
     c.healthy, c.degraded = False, True  # etcd lost: the view is kept
     assert c.view_usable and c.holders("fp", 2) == ["peer"]
+
+
+def test_a_version_joined_late_is_read_before_it_is_filled(etcd: Any) -> None:
+    """B joins a version A published before B connected: its fill waits for those records
+    (``records_read``), or it would take itself for the version's only member: the first
+    file of every peer load waited 0.6 s as on a cold cluster (bench/peer.py)."""
+    import asyncio
+
+    from mows.cluster import Cluster, NodeInfo
+    from tests.daemons import make_manifest
+
+    async def run() -> None:
+        manifest = make_manifest(4)
+        a = Cluster([etcd.endpoint], "late", lambda: NodeInfo("a", "127.0.0.1:2", 100))
+        b = Cluster([etcd.endpoint], "late", lambda: NodeInfo("b", "127.0.0.1:3", 100))
+        try:
+            a.start()
+            assert await a.wait_healthy(10)
+            a.join("fp", manifest)
+            for f in range(4):
+                a.file_complete("fp", f)
+            deadline = time.monotonic() + 10
+            while a._written.get("fp") is None:  # A's holding is in etcd
+                assert time.monotonic() < deadline, "A never published its holding"
+                await asyncio.sleep(0.05)
+            b.start()
+            assert await b.wait_healthy(10)
+            b.join("fp", manifest)  # known to B only once read from etcd
+            await b.records_read("fp", 10)
+            assert b.anyone_holds("fp")
+            assert b.holders("fp", 3) == ["a"]
+        finally:
+            await b.close()
+            await a.close()
+
+    asyncio.run(run())

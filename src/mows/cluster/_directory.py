@@ -195,6 +195,8 @@ class _Model:
         self.members: _Members | None = None
         self.stamp: tuple[int, int, int] | None = None
         self.computing: tuple[_Members, asyncio.Future[list[str]]] | None = None
+        # Set once the records published before we joined are read (``records_read``).
+        self.read = asyncio.Event()
 
     def record(self, node: str) -> Holding:
         n = len(self.sizes)
@@ -451,6 +453,9 @@ class Cluster:
             self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
         if self.degraded:
             self._linger(*last)
+        for vid in vids:
+            if vid in self.models:
+                self.models[vid].read.set()
         self._gen += 1  # the view was replaced
         return revision
 
@@ -490,6 +495,9 @@ class Cluster:
         for prefix in (f"holdings/{vid}/", f"manifests/{vid}/"):
             for kv in (await self._read(prefix))[0]:
                 self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+        m = self.models.get(vid)
+        if m is not None:
+            m.read.set()
 
     async def _reader(self) -> None:
         """Read the records of each version joined since the snapshot: they are decoded only
@@ -884,6 +892,17 @@ class Cluster:
         m = self.models.get(vid)
         crcs = m.crcs.get(f) if m is not None else None
         return crcs[index] if crcs is not None and 0 <= index < len(crcs) else None
+
+    async def records_read(self, vid: str, timeout: float) -> None:
+        """Wait, at most ``timeout`` and only while etcd is reachable, until the records of
+        ``vid`` published before we joined it are read: until then its holders and members
+        look absent, and a fill would take itself for the only member (reading the origin,
+        or waiting as on a cold cluster)."""
+        m = self.models.get(vid)
+        if m is None or m.read.is_set() or not self.healthy:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(m.read.wait(), timeout)
 
     def anyone_holds(self, vid: str) -> bool:
         m = self.models.get(vid)

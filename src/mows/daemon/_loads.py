@@ -45,6 +45,7 @@ __all__ = ["LoadService", "Opened", "check_origin"]
 log = logging.getLogger("mows.daemon")
 
 REVALIDATE_TIMEOUT = 10.0  # seconds a warm open waits for the origin before using its cache
+RECORDS_WAIT = 2.0  # seconds a fill waits for the records of a version it just joined
 
 
 @dataclass
@@ -409,6 +410,7 @@ class LoadService:
             if self.peering is not None:
                 self.peering.serve_file(f, fd)
                 cluster = self.peering.cluster
+                await cluster.records_read(v.id, RECORDS_WAIT)
                 # On a cold cluster, let the other nodes loading this version announce
                 # themselves before ownership is computed, so each chunk leaves the origin
                 # about once. A warm cluster (someone holds chunks already) needs no wait.
