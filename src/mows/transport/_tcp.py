@@ -308,13 +308,17 @@ class TcpPeerClient(PeerClient):
         self._idle: dict[tuple[str, bool], list[_Conn]] = defaultdict(list)  # (address, watch)
         self._count: dict[tuple[str, bool], int] = defaultdict(int)
         self._open: weakref.WeakSet[_Conn] = weakref.WeakSet()  # idle or in use
-        self._cond = threading.Condition()
+        # One condition per pool, on one lock: a freed connection wakes one thread waiting
+        # for that peer, not every fetch thread (a herd that contended for the GIL at every
+        # chunk: bench/peer.py).
+        self._lock = threading.Lock()
+        self._conds: dict[tuple[str, bool], threading.Condition] = {}
 
     def _acquire(
         self, address: str, node: str | None, fresh: bool = False, watch: bool = False
     ) -> _Conn:
         key = (address, watch)
-        with self._cond:
+        with self._lock:
             while True:
                 if self._idle[key] and not fresh:
                     return self._idle[key].pop()
@@ -324,7 +328,7 @@ class TcpPeerClient(PeerClient):
                 if self._idle[key]:  # fresh, and the pool full: an idle one makes room
                     self._idle[key].pop(0).sock.close()  # (else no release might ever come)
                     break
-                self._cond.wait()
+                self._cond(key).wait()
         sock: socket.socket | None = None
         try:
             host, port = split_address(address)
@@ -339,9 +343,9 @@ class TcpPeerClient(PeerClient):
         except BaseException as e:
             if sock is not None:
                 sock.close()
-            with self._cond:
+            with self._lock:
                 self._count[key] -= 1
-                self._cond.notify_all()
+                self._cond(key).notify()
             if isinstance(e, OSError):
                 raise PeerError(address, f"cannot connect: {e.strerror or e}") from None
             if isinstance(e, ProtocolError):
@@ -350,13 +354,20 @@ class TcpPeerClient(PeerClient):
 
     def _release(self, address: str, conn: _Conn, ok: bool, watch: bool = False) -> None:
         key = (address, watch)
-        with self._cond:
+        with self._lock:
             if ok:
                 self._idle[key].append(conn)
             else:
                 self._count[key] -= 1
                 conn.sock.close()
-            self._cond.notify_all()
+            self._cond(key).notify()  # one connection freed: one waiter can take it
+
+    def _cond(self, key: tuple[str, bool]) -> threading.Condition:
+        """The condition of pool ``key``; called with ``_lock`` held."""
+        cond = self._conds.get(key)
+        if cond is None:
+            cond = self._conds[key] = threading.Condition(self._lock)
+        return cond
 
     def fetch(
         self,
@@ -460,7 +471,7 @@ class TcpPeerClient(PeerClient):
     def close(self) -> None:
         """Close idle connections and cut those in use (a watch blocked in its long poll
         returns at once, with a PeerError)."""
-        with self._cond:
+        with self._lock:
             for conns in self._idle.values():
                 for c in conns:
                     c.sock.close()
