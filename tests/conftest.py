@@ -179,3 +179,29 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server = MotoServer(tmp_path_factory.mktemp("moto")).start()
     yield server
     server.stop()
+
+
+TMPFS_SIZE = "512m"  # far above every cap here: an overshoot is measured, not an ENOSPC
+
+
+@pytest.fixture
+def dedicated_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted for this test alone (``<tmp_path>/shm``), lazily unmounted at teardown.
+
+    Request it before ``daemon_factory`` so that it is torn down after the daemons stop.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mount -t tmpfs needs root")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)

@@ -386,3 +386,13 @@ def make_manifest(files: int, chunks: int = 1, chunk_size: int = 1 << 20) -> Any
         FileEntry(f"f{i}", size, 0, crc32=zlib.crc32(bytes([i % 256]) * size)) for i in range(files)
     )
     return Manifest("test://m", chunk_size, entries)
+
+
+# Room for the pool's small metadata files (json) on top of the cap, measured on a tmpfs.
+POOL_METADATA = 64 * 1024
+
+
+def fs_used(mnt: Path) -> int:
+    """Bytes in use on the filesystem at ``mnt``: unlinked but still mapped pages included."""
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize

@@ -45,13 +45,11 @@ from safetensors.numpy import load_file as load_numpy
 import mows
 from mows.client import Session
 from tests.conftest import free_port
-from tests.daemons import generate_crc32, make_random_model
+from tests.daemons import POOL_METADATA as SLACK
+from tests.daemons import fs_used, generate_crc32, make_random_model
 from tests.integration.test_daemon import _wait, assert_same_as_files
 
 MiB = 2**20
-# Room for the pool's small metadata files (json) on top of the cap, measured on the tmpfs.
-SLACK = 64 * 1024
-TMPFS_SIZE = "512m"  # far above every cap here: an overshoot is measured, not an ENOSPC
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0,
@@ -60,35 +58,6 @@ needs_root = pytest.mark.skipif(
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def dedicated_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs mounted for this test alone (``<tmp_path>/shm``), lazily unmounted at teardown.
-
-    Request it before ``daemon_factory`` so that it is torn down after the daemons stop.
-    """
-    if os.geteuid() != 0:
-        pytest.skip("mount -t tmpfs needs root")
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-
-
-def fs_used(mnt: Path) -> int:
-    """Bytes in use on the filesystem at ``mnt``: unlinked but still mapped pages included."""
-    st = os.statvfs(mnt)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def fast_status(sock: str) -> dict[str, Any]:
