@@ -18,8 +18,11 @@ What is real, what is simulated, what is sampled:
   thread: one long-poll watch a (node, owner), answered with the owner's first copies (the
   chunks it read from the origin) as they land; the owner's breaker open (its connection
   failed), a grace (OWNER_GRACE) re-evaluated every second, its lease ending meanwhile and a
-  new owner taking the chunk; else partial holders' Have (only of nodes holding part of the
-  file and not filling it: none here, nobody prefetches shares); else the origin. A load's
+  new owner taking the chunk; for a chunk the node came to own since, its previous owner
+  if that one holds it; else partial holders' Have (only of nodes holding part of the
+  file and not filling it: none here, nobody prefetches shares); else the origin, where a
+  read whose turn comes after its chunk moved to another filling node goes back to wait
+  for that node (``REDECIDE`` times at most). A load's
   chunk tasks all start when its fills start (after a cold fill's 3 publish intervals):
   plain requests queue on ``4 x peer_connections`` transfer threads (all they carry), each
   free thread taking a uniformly random one (``_RandomOrderExecutor``),
@@ -112,6 +115,7 @@ from mows.daemon._fetcher import (  # noqa: E402
     BREAKER_MAX,
     OWNER_GRACE,
     OWNER_RETRIES,
+    REDECIDE,
     WAIT_MAX,
     origin_streams,
 )
@@ -459,6 +463,11 @@ class Sim:
         self.table_at = -INF
         self.table_due = INF  # when the next computation is scheduled
         self.table: list[int] = []
+        # node x C + chunk -> the owner when its origin read was queued; times it went back
+        self.odecided: dict[int, int] = {}
+        self.redecided: dict[int, int] = {}
+        # chunk -> its owner before the last table change that moved it (Cluster.previous_owner)
+        self.prev_owner: dict[int, int] = {}
         self.first_table: list[str] = []
         self.members: list[str] = []
 
@@ -500,6 +509,8 @@ class Sim:
         changed = np.flatnonzero(np.asarray(old) != np.asarray(new))
         if not changed.size:
             return
+        for c in changed.tolist():
+            self.prev_owner[c] = old[c]
         # Peering.owners_changed: a new owner announces the chunks it holds already (got
         # from a peer, e.g. from the dead owner before it died)
         C, alive, LANDED = self.C, self.alive, self.LANDED
@@ -604,11 +615,32 @@ class Sim:
                 self.counters["origin reads: grace over"] += 1
         elif asked:
             self.counters["origin reads: owner asked already"] += 1
-        # 3. _partial_holder(): Have is asked only of nodes holding part of the file and not
+        # 3. a chunk that came to be ours: its previous owner may have read it already
+        # (_previous_owner; a node without it answers "missing" at once: asked only if it has it)
+        if o == n:
+            p = self.prev_owner.get(c, -1)
+            if (
+                p >= 0
+                and p != n
+                and self.alive[p]
+                and self.inview[p]
+                and self.LANDED[p * C + c] <= now
+                and not _was_asked(ASK[i], self.askedx.get(i), p)
+                and self.closed(n, p, now)
+            ):
+                self.ask(i, p)
+                self.counters["asked the previous owner"] += 1
+                ST[i] = ASKING
+                self.inc(n, p, 1)
+                self.pq[n].append(c << 16 | p)
+                self.pump(n, now)
+                return
+        # 4. _partial_holder(): Have is asked only of nodes holding part of the file and not
         # filling it (a share prefetch's): none here. Else the origin.
         self.finish(n, c, i, now)
         ST[i] = READING
         self.counters["origin reads"] += 1
+        self.odecided[i] = o
         self.oq[n].append(c)
         self.pump_origin(n, now)
 
@@ -902,6 +934,24 @@ class Sim:
         limit = origin_streams(self.p.workers, len(self.members))
         while self.obusy[n] < limit and q:
             c = q.popleft()
+            i = n * self.C + c
+            decided = self.odecided.pop(i, -1)
+            # obtain(): its turn come, a chunk whose owner changed meanwhile to a node that
+            # fills its file goes back to wait for it (_moved_to), REDECIDE times at most
+            o = self.table[c] if self.table else n
+            if (
+                o not in (n, decided)
+                and self.redecided.get(i, 0) < REDECIDE
+                and self.inview[o]
+                and self.loading[o]
+                and self.file_left[o][self.m.file_of[c]] > 0
+                and self.closed(n, o, now)
+            ):
+                self.redecided[i] = self.redecided.get(i, 0) + 1
+                self.counters["origin reads redecided"] += 1
+                self.ST[i] = DEFER
+                self.push(now, E_DECIDE, n, c)
+                continue
             self.obusy[n] += 1
             self.push(now + self.p.origin_latency, E_ORIGIN, n, c)
 

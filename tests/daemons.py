@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,9 @@ def stop_server(proc: subprocess.Popen[bytes] | None, log: Any) -> None:
 LOAD = [sys.executable, "-m", "mows", "load", "--json", "--no-progress"]
 
 
-def load_in_parallel(jobs: list[tuple[str, Path]], timeout: float = 300) -> list[dict[str, Any]]:
+def load_in_parallel(
+    jobs: list[tuple[str, Path | str]], timeout: float = 300
+) -> list[dict[str, Any]]:
     """Run ``mows load --json`` for each (socket, model) at once; return each summary."""
     procs = [
         subprocess.Popen(
@@ -396,3 +399,59 @@ def fs_used(mnt: Path) -> int:
     """Bytes in use on the filesystem at ``mnt``: unlinked but still mapped pages included."""
     st = os.statvfs(mnt)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@contextlib.contextmanager
+def http_site(
+    files: dict[str, bytes], redirects: dict[str, str], rate: float | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on loopback: ``files`` by path (ranges honoured), ``redirects``
+    answered 302 with that Location; each body sent at ``rate`` bytes/s if given (an origin
+    slow enough to act on a load half done). Yields (base URL, paths requested)."""
+    import http.server
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.serve(body=False)
+
+        def do_GET(self) -> None:
+            self.serve(body=True)
+
+        def serve(self, body: bool) -> None:
+            hits.append(self.path)
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = files.get(self.path)
+            if data is None:
+                self.send_error(404)
+                return
+            status, rng = 200, self.headers.get("Range")
+            if rng:
+                start, end = (int(x) for x in rng.removeprefix("bytes=").split("-"))
+                data, status = data[start : end + 1], 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body and rate is None:
+                self.wfile.write(data)
+            elif body:
+                for off in range(0, len(data), 64 << 10):
+                    self.wfile.write(data[off : off + (64 << 10)])
+                    time.sleep((64 << 10) / rate)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -20,6 +20,7 @@ from mows.transport._wire import ChunkHeader, ChunkRequest, client_handshake, re
 from tests.daemons import (
     DaemonProcess,
     generate_crc32,
+    http_site,
     load_in_parallel,
     make_random_model,
     mows_load,
@@ -29,7 +30,9 @@ from tests.integration.test_daemon import _pool_bytes, _wait, assert_same_as_fil
 FAST = ["--lease-ttl", "2", "--peer-timeout", "5", "--listen", "127.0.0.1:0"]
 
 
-def start_nodes(factory: Any, etcd: Any, root: Path, n: int, *extra: str) -> list[DaemonProcess]:
+def start_nodes(
+    factory: Any, etcd: Any, root: Path | str, n: int, *extra: str
+) -> list[DaemonProcess]:
     nodes = [
         factory(roots=[root], extra=["--etcd", etcd.endpoint, "--cluster", "t", *FAST, *extra])
         for _ in range(n)
@@ -428,3 +431,43 @@ def test_an_evicted_file_leaves_no_descriptor_in_the_daemon(
     assert not (a.pool_dir / fp / shard).exists()
     assert not _deleted_pool_fds(a.proc.pid, a.pool_dir)
     assert _pool_bytes(a.pool_dir) <= cap
+
+
+def test_a_chunk_that_changed_owner_is_asked_of_its_previous_owner(
+    daemon_factory: Any, etcd: Any, tmp_path: Path
+) -> None:
+    """A loads alone, so it owns every chunk; B joins half way and comes to own half of
+    them, among them chunks A read already. B asks the previous owner for those, instead
+    of reading them from the origin a second time."""
+    model = make_random_model(tmp_path / "m", 32, files=2)
+    generate_crc32(model)
+    size = sum(p.stat().st_size for p in model.iterdir() if p.name != "crc32.txt")
+    files = {f"/m/{p.name}": p.read_bytes() for p in model.iterdir()}
+    with http_site(files, {}, rate=4 << 20) as (base, _):  # ~16 MiB/s over A's 4 streams
+        url = f"{base}/m"
+        a, b = start_nodes(daemon_factory, etcd, base, 2, "--chunk-size", "1")
+        done: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
+
+        def load_a() -> None:
+            try:
+                done.extend(load_in_parallel([(a.socket, url)]))
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=load_a)
+        t.start()
+        try:
+            _wait(lambda: a.status()["bytes_from_origin"] >= size * 0.5, timeout=30)
+            got = load_in_parallel([(b.socket, url)])[0]
+        finally:
+            t.join(60)
+        assert not errors, errors
+        assert done and got["bytes"] == size
+        assert_same_as_files(mows.load_state_dict(url, socket=b.socket, fallback=False), model)
+    origin = a.status()["bytes_from_origin"] + b.status()["bytes_from_origin"]
+    # Before: every moved chunk A had read, or had queued for the origin, left it again
+    # (1.25x here); now only those in flight at A when the owners changed (at most its 4
+    # streams' chunks, 4 MiB).
+    assert origin <= size + (4 << 20) + (1 << 20), (origin, size)
+    assert got["bytes_from_peers"] >= size * 0.5

@@ -4,12 +4,9 @@ and a read, a Hugging Face cache snapshot's legitimate links, and HTTP redirects
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from mows.client import Session
 from mows.sources import _openat, open_source
 from mows.sources._local import LocalSource
 from tests.daemons import generate_crc32, make_random_model
+from tests.daemons import http_site as site
 
 SECRET = os.urandom(64 << 10)  # what lies outside every model: must never be read
 
@@ -332,53 +330,6 @@ def test_closed_source_refuses_and_releases_its_descriptor(tmp_path: Path) -> No
 
 
 # -- (e) HTTP redirects ---------------------------------------------------------------------
-
-
-@contextmanager
-def site(files: dict[str, bytes], redirects: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
-    """A real HTTP server on loopback: ``files`` by path (ranges honoured), ``redirects``
-    answered 302 with that Location. Yields (base URL, paths requested)."""
-    hits: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self) -> None:
-            self.serve(body=False)
-
-        def do_GET(self) -> None:
-            self.serve(body=True)
-
-        def serve(self, body: bool) -> None:
-            hits.append(self.path)
-            if self.path in redirects:
-                self.send_response(302)
-                self.send_header("Location", redirects[self.path])
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            data = files.get(self.path)
-            if data is None:
-                self.send_error(404)
-                return
-            status, rng = 200, self.headers.get("Range")
-            if rng:
-                start, end = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-                data, status = data[start : end + 1], 206
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -> None:

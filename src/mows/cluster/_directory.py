@@ -169,6 +169,7 @@ class _Held(msgspec.Struct, frozen=True):
 _Others = dict[str, _Held]
 _Stash = dict[str, dict[str, tuple[int, bytes]]]  # version -> node -> (revision, raw holding)
 _Members = tuple[tuple[str, float], ...]  # (node, placement weight), sorted
+_Tables = tuple[list[str], dict[int, str] | None]  # Cluster._tables: owners, previous owners
 
 
 class _Model:
@@ -194,7 +195,8 @@ class _Model:
         self.table: list[str] = []
         self.members: _Members | None = None
         self.stamp: tuple[int, int, int] | None = None
-        self.computing: tuple[_Members, asyncio.Future[list[str]]] | None = None
+        self.computing: tuple[_Members, asyncio.Future[_Tables]] | None = None
+        self.previous: dict[int, str] = {}  # chunk -> its owner before the table last moved it
         # Set once the records published before we joined are read (``records_read``).
         self.read = asyncio.Event()
 
@@ -942,14 +944,49 @@ class Cluster:
         if m.stamp != stamp:
             members = self._members(m)
             if members != m.members:
-                m.table, m.members = owner_table(vid, m.chunks, members), members
-                self._owners_changed(vid, m)
+                self._set_table(vid, m, *self._tables(vid, m, members), members)
             m.stamp = stamp
         return m.table[index] if m.table else self.node_id
 
-    def _owners_changed(self, vid: str, m: _Model) -> None:
-        if self.on_owners is not None and m.table:
-            self.on_owners(vid, m.table)
+    def _tables(self, vid: str, m: _Model, members: _Members) -> _Tables:
+        """The owner table for ``members`` and, the first time (we had none: we are
+        joining a load others started), the owners the chunks now ours had without us."""
+        table = owner_table(vid, m.chunks, members)
+        if m.table:
+            return table, None
+        others = [x for x in members if x[0] != self.node_id]
+        if not others:
+            return table, {}
+        without = owner_table(vid, m.chunks, others)
+        mine = self.node_id
+        return table, {
+            i: w for i, (w, o) in enumerate(zip(without, table, strict=True)) if o == mine
+        }
+
+    def _set_table(
+        self,
+        vid: str,
+        m: _Model,
+        table: list[str],
+        previous: dict[int, str] | None,
+        members: _Members,
+    ) -> None:
+        old = m.table
+        if previous is not None:
+            m.previous = previous
+        elif len(old) == len(table):
+            for i, (was, now) in enumerate(zip(old, table, strict=True)):
+                if was != now:
+                    m.previous[i] = was
+        m.table, m.members = table, members
+        if self.on_owners is not None and table:
+            self.on_owners(vid, table)
+
+    def previous_owner(self, vid: str, index: int) -> str | None:
+        """The owner chunk ``index`` had before the last table change that moved it (a
+        member left or came): it may have read the chunk from the origin already."""
+        m = self.models.get(vid)
+        return m.previous.get(index) if m is not None else None
 
     async def owners_ready(self, vid: str) -> bool:
         """Make the version's owner table current, computing a large one in a worker thread
@@ -968,23 +1005,23 @@ class Cluster:
                 m.stamp = stamp
                 return waited
             if table_cost(m.chunks, len(members)) <= TABLE_INLINE:
-                m.table, m.members, m.stamp = owner_table(vid, m.chunks, members), members, stamp
-                self._owners_changed(vid, m)
+                self._set_table(vid, m, *self._tables(vid, m, members), members)
+                m.stamp = stamp
                 return waited
             if m.computing is None or m.computing[0] != members:
                 loop = asyncio.get_running_loop()
                 m.computing = (
                     members,
-                    loop.run_in_executor(None, owner_table, vid, m.chunks, members),
+                    loop.run_in_executor(None, self._tables, vid, m, members),
                 )
             job = m.computing[1]
-            table = await asyncio.shield(job)
+            table, previous = await asyncio.shield(job)
             waited = True
             if m.computing is not None and m.computing[1] is job:
                 m.computing = None
             if self.models.get(vid) is m and m.members != members:
-                m.table, m.members, m.stamp = table, members, None  # checked on the next turn
-                self._owners_changed(vid, m)
+                self._set_table(vid, m, table, previous, members)
+                m.stamp = None  # checked on the next turn
         return waited
 
     def _stamp(self, m: _Model) -> tuple[int, int, int]:

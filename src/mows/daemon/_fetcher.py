@@ -4,7 +4,12 @@ origin, with a circuit breaker per peer.
 Which peer holds a chunk is not in etcd (it records files, see mows.cluster): a node holding
 the file whole is asked first; else the chunk's owner, which on a cold cluster is fetching it
 from the origin: the chunk waits for the owner to report it (below), then is fetched from it;
-else a node holding part of the file whose ``Have`` lists it; else the origin.
+for a chunk this node came to own when a member came or went, its previous owner (it may have
+read it already); else a node holding part of the file whose ``Have`` lists it; else the
+origin. A read queued for the origin looks at the owners again when its turn comes: if the
+chunk moved meanwhile to a node that fills its file, it waits for that node instead. Members
+join a load over seconds, not at once; without these two, each chunk that moved left the
+origin twice.
 
 Waiting for owners holds no transfer thread: this node keeps one long poll (``watch``) per
 (version, owner) it waits on, answered with every chunk the owner read from the origin, as
@@ -41,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import queue
 import random
@@ -73,6 +79,7 @@ QUARANTINE = 300.0  # seconds a peer that sent bytes failing their checks is ski
 WAIT_MAX = 10.0  # seconds a watch is held at an owner, and a waiting chunk looks again
 OWNER_GRACE = 10.0  # seconds, at least 2 x lease_ttl: a failed owner is waited for
 OWNER_RETRIES = 3  # times a chunk waits again for an owner that failed it
+REDECIDE = 3  # times a chunk queued for the origin goes back to a new owner
 WATCH_THREADS = 1024  # long polls at once (one per owner waited on: every node, at scale)
 HAVE_TTL = 2.0  # seconds a peer's Have answer is reused
 HAVE_ASKS = 64  # partial holders asked for their Have per chunk, at most
@@ -100,6 +107,7 @@ class Counters:
     peer_failures: int = 0
     corrupt_from_peers: int = 0
     stale_opens: int = 0  # warm opens served while the origin could not be reached
+    origin_reads_redecided: int = 0  # queued for the origin, then waited for a new owner
 
 
 @dataclass
@@ -192,10 +200,27 @@ class ChunkFetcher:
         """One chunk into the target's mapping; returns its CRC-32 (checked against the
         holder's for peer bytes). ``wait_for_owner``: on a cold cluster, wait for the node
         that owns the chunk to fetch it rather than reading the origin ourselves."""
-        got = None if target.origin_only else await self._from_peers(target, chunk, wait_for_owner)
         peering = self.peering is not None
-        if got is None:
+        crc: int
+        digest: bytes | None
+        for turn in itertools.count():
+            got = None
+            if not target.origin_only:
+                got = await self._from_peers(target, chunk, wait_for_owner)
+            if got is not None:
+                crc, digest = got.crc, got.digest
+                break
+            decided = await self._owner(target, chunk)
             async with self._origin_slot(target.version.id):
+                # The owners changed while this read waited its turn (a member came or
+                # went): if the chunk's new owner fills it, wait for it instead, or the
+                # chunk leaves the origin twice.
+                if (
+                    turn < REDECIDE
+                    and wait_for_owner
+                    and await self._moved_to(target, chunk, decided)
+                ):
+                    continue
                 started = time.perf_counter()
                 crc, digest = await self._in_worker(
                     target, self._origin, fetch_chunk, target.source, target.fill, chunk, peering
@@ -203,19 +228,38 @@ class ChunkFetcher:
             self.metrics.fetch_seconds.labels("origin").observe(time.perf_counter() - started)
             self.counters.bytes_from_origin += chunk.length
             target.from_origin += chunk.length
-        else:
-            crc, digest = got.crc, got.digest
+            break
         if self.peering is not None:
             # Reported to the peers that wait on us if read here, or ours to report (we own it,
             # and got it from a whole-file holder or a reporter first): they wait on its owner.
             v, cluster = target.version, self.peering.cluster
             first = got is None
             if not first:
-                await cluster.owners_ready(v.id)  # a large table is computed off the loop
-                owner = cluster.chunk_owner(v.id, v.chunk_range(chunk.path)[chunk.index])
-                first = owner == cluster.node_id
+                first = await self._owner(target, chunk) == cluster.node_id
             self.peering.held(v, chunk, crc, digest, first_copy=first)
         return crc
+
+    async def _owner(self, target: FillTarget, chunk: Chunk) -> str | None:
+        """The chunk's owner in the current table (None without a cluster)."""
+        if self.peering is None:
+            return None
+        v, cluster = target.version, self.peering.cluster
+        await cluster.owners_ready(v.id)  # a large table is computed off the loop
+        return cluster.chunk_owner(v.id, v.chunk_range(chunk.path)[chunk.index])
+
+    async def _moved_to(self, target: FillTarget, chunk: Chunk, decided: str | None) -> bool:
+        """Did the chunk change owner since ``decided``, to another node that fills its file
+        now (and answers)?"""
+        owner = await self._owner(target, chunk)
+        if self.peering is None or owner in (decided, self.peering.cluster.node_id):
+            return False
+        assert owner is not None
+        v = target.version
+        state = self.peering.cluster.state(v.id, owner, v.file_index(chunk.path))
+        if state.loading and self._closed(owner, time.monotonic()):
+            self.counters.origin_reads_redecided += 1
+            return True
+        return False
 
     @contextlib.asynccontextmanager
     async def _origin_slot(self, vid: str) -> AsyncIterator[None]:
@@ -266,8 +310,8 @@ class ChunkFetcher:
     ) -> Received | None:
         """The chunk from a peer, or None: the origin's turn. Asked, in order: a node holding
         the file whole; a node that reported reading it from the origin; the chunk's owner
-        (waited for, while it loads, until it reports the chunk); a node holding the file
-        in part whose ``Have`` lists the chunk."""
+        (waited for, while it loads, until it reports the chunk); its previous owner, if we
+        own it now; a node holding the file in part whose ``Have`` lists the chunk."""
         peering = self.peering
         if peering is None:
             return None
@@ -310,6 +354,7 @@ class ChunkFetcher:
                 if again and reasked < OWNER_RETRIES:  # not forever: it may fail this one only
                     reasked += 1
                     asked.discard(owner)
+                ask: str | None = None  # the owner, or its previous one, asked now
                 if owner != cluster.node_id and (owner not in asked or failed):
                     if state.loading and wait_for_owner:
                         # No deadline while the owner answers and its record says it fills
@@ -325,11 +370,23 @@ class ChunkFetcher:
                             await asyncio.sleep(1.0)  # its lease ends, or its breaker closes
                             continue
                     elif (state.loading or state.partial) and self._closed(owner, now):
-                        asked.add(owner)
-                        got = await self._from_peer(target, chunk, owner, want)
-                        if got is not None:
-                            return got
-                        continue
+                        ask = owner
+                elif owner == cluster.node_id:
+                    # Ours since a member came or went: its previous owner, still filling the
+                    # file, may have read it from the origin already (else it answers
+                    # "missing" at once). Without this ask every moved chunk left the origin
+                    # twice.
+                    prev = cluster.previous_owner(vid, index)
+                    if prev is not None and prev != owner and prev not in asked:
+                        was = cluster.state(vid, prev, f)
+                        if (was.loading or was.partial) and self._closed(prev, now):
+                            ask = prev
+                if ask is not None:
+                    asked.add(ask)
+                    got = await self._from_peer(target, chunk, ask, want)
+                    if got is not None:
+                        return got
+                    continue
                 chunks = len(v.chunks(chunk.path))
                 part = await self._partial_holder(vid, f, chunk, chunks, asked)
                 if part is None:

@@ -87,6 +87,11 @@ class _StatusCollector(Collector):
                 "Evicted bytes no other live node held.",
             ),
             ("mows_peer_failures", "peer_failures", "Peer transfers that failed or stalled."),
+            (
+                "mows_origin_reads_redecided",
+                "origin_reads_redecided",
+                "Origin reads that went back to wait for the chunk's new owner.",
+            ),
             ("mows_loads_failed", "loads_failed", "Loads that ended in an error."),
             (
                 "mows_stale_opens",

@@ -43,6 +43,7 @@ def build_status(d: Daemon) -> dict[str, object]:
         "bytes_served_to_peers": d.chunks.bytes_served,
         "peer_failures": c.peer_failures,
         "corrupt_chunks_from_peers": c.corrupt_from_peers,
+        "origin_reads_redecided": c.origin_reads_redecided,
         "rotten_chunks_withheld": d.chunks.rotten,
         "scrub": d.scrubber.status(),
         "models": [_location(d, loc) for loc in d.known_locations()],
