@@ -370,6 +370,32 @@ def test_first_open_after_a_daemon_restart_succeeds(daemon_factory: Any, tmp_pat
     assert_same_as_files(streamed, model)
 
 
+def test_a_connection_lost_to_a_restart_is_closed_when_replaced(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Regression (CI, an unraisable ResourceWarning): a request that failed on a killed
+    daemon marked its session closed without closing its socket, and the next call made a
+    new session and left the old socket to the garbage collector."""
+    from mows.client._session import get_session
+
+    model = make_random_model(tmp_path / "m", 4, files=1)
+    d = daemon_factory(roots=[tmp_path])
+    old = get_session(d.socket)
+    old.open(str(model), pin=False)
+    d.stop(clean=False, sig=signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(d.socket)
+    with pytest.raises(mows.DaemonUnavailableError):
+        for _ in range(3):  # the first send may still fit in the socket's buffer
+            old.open(str(model), pin=False)
+    assert old.closed
+    d.start()
+    new = get_session(d.socket)
+    assert new is not old
+    assert old._sock.fileno() == -1  # closed, not left to the GC
+    new.open(str(model), pin=False)
+
+
 def test_a_failed_stream_releases_its_pins_at_once(daemon_factory: Any, tmp_path: Path) -> None:
     """Regression (bench/chaos.py): a stream that failed kept the pins of the file it was
     reading until Python's cyclic GC ran (its exception's traceback held the generator

@@ -190,8 +190,10 @@ def get_session(path: str | None = None, lane: str = "") -> Session:
     with _lock:
         session = _sessions.get((path, lane))
         if session is None or session.closed or session.pid != os.getpid() or session.hung_up():
-            if session is not None and not session.closed and session.pid == os.getpid():
-                session.close()  # the daemon went (a restart): its pins went with it
+            if session is not None and session.pid == os.getpid():
+                # The daemon went (a restart): its pins went with it. Closed even if a
+                # failed send or receive marked it closed already: that left its socket open.
+                session.close()
             session = _sessions[(path, lane)] = Session(path)
         return session
 
