@@ -404,13 +404,16 @@ def fs_used(mnt: Path) -> int:
 @contextlib.contextmanager
 def http_site(
     files: dict[str, bytes], redirects: dict[str, str], rate: float | None = None
-) -> Iterator[tuple[str, list[str]]]:
+) -> Iterator[tuple[str, list[str], dict[str, int]]]:
     """A real HTTP server on loopback: ``files`` by path (ranges honoured), ``redirects``
     answered 302 with that Location; each body sent at ``rate`` bytes/s if given (an origin
-    slow enough to act on a load half done). Yields (base URL, paths requested)."""
+    slow enough to act on a load half done). Yields (base URL, paths requested, body bytes sent
+    by path: what left the origin, counted by the origin)."""
     import http.server
 
     hits: list[str] = []
+    sent: dict[str, int] = {}
+    lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:
@@ -438,6 +441,9 @@ def http_site(
             self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if body:
+                with lock:
+                    sent[self.path] = sent.get(self.path, 0) + len(data)
             if body and rate is None:
                 self.wfile.write(data)
             elif body:
@@ -451,7 +457,7 @@ def http_site(
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits, sent
     finally:
         server.shutdown()
         server.server_close()

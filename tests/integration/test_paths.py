@@ -334,7 +334,7 @@ def test_closed_source_refuses_and_releases_its_descriptor(tmp_path: Path) -> No
 
 def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -> None:
     data = os.urandom(5000)
-    with site({"/x/secret.bin": SECRET}, {}) as (other, other_hits):
+    with site({"/x/secret.bin": SECRET}, {}) as (other, other_hits, _):
         redirects = {
             "/m/moved.bin": "/m/sub/real.bin",
             "/m/rel.bin": "sub/real.bin",  # relative Location, resolved against the request
@@ -348,7 +348,7 @@ def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -
             "/m/userinfo.bin": "http://user@127.0.0.1:1/m/sub/real.bin",
         }
         with (
-            site({"/m/sub/real.bin": data, "/x/secret.bin": SECRET}, redirects) as (url, _),
+            site({"/m/sub/real.bin": data, "/x/secret.bin": SECRET}, redirects) as (url, _, _),
             open_source(f"{url}/m", retries=0) as source,
         ):
             for rel in ("moved.bin", "rel.bin"):
@@ -371,10 +371,10 @@ def test_http_redirects_stay_on_the_origin_and_under_the_model(tmp_path: Path) -
 
 
 def test_daemon_refuses_a_cross_origin_redirect(daemon_factory: Any) -> None:
-    with site({"/secret.bin": SECRET}, {}) as (other, other_hits):
+    with site({"/secret.bin": SECRET}, {}) as (other, other_hits, _):
         crc = f"{zlib.crc32(SECRET):08x} w.safetensors\n".encode()
         redirects = {"/m/w.safetensors": f"{other}/secret.bin"}
-        with site({"/m/crc32.txt": crc}, redirects) as (url, _):
+        with site({"/m/crc32.txt": crc}, redirects) as (url, _, _):
             d = daemon_factory(roots=[f"{url}/m"])
             with pytest.raises(SourceError, match="another origin") as e:
                 mows.open_model(f"{url}/m", socket=d.socket, fallback=False)

@@ -210,16 +210,13 @@ class ChunkFetcher:
             if got is not None:
                 crc, digest = got.crc, got.digest
                 break
-            decided = await self._owner(target, chunk)
+            again = wait_for_owner and turn < REDECIDE and peering
+            decided = await self._owner(target, chunk) if again else None
             async with self._origin_slot(target.version.id):
                 # The owners changed while this read waited its turn (a member came or
                 # went): if the chunk's new owner fills it, wait for it instead, or the
                 # chunk leaves the origin twice.
-                if (
-                    turn < REDECIDE
-                    and wait_for_owner
-                    and await self._moved_to(target, chunk, decided)
-                ):
+                if again and await self._moved_to(target, chunk, decided):
                     continue
                 started = time.perf_counter()
                 crc, digest = await self._in_worker(
@@ -372,15 +369,19 @@ class ChunkFetcher:
                     elif (state.loading or state.partial) and self._closed(owner, now):
                         ask = owner
                 elif owner == cluster.node_id:
-                    # Ours since a member came or went: its previous owner, still filling the
-                    # file, may have read it from the origin already (else it answers
+                    # Ours since a member came or went: its previous owner, if it holds part
+                    # of the file, may have read it from the origin already (else it answers
                     # "missing" at once). Without this ask every moved chunk left the origin
-                    # twice.
+                    # twice. One holding nothing of it (a cold start's) is not asked.
                     prev = cluster.previous_owner(vid, index)
-                    if prev is not None and prev != owner and prev not in asked:
-                        was = cluster.state(vid, prev, f)
-                        if (was.loading or was.partial) and self._closed(prev, now):
-                            ask = prev
+                    if (
+                        prev is not None
+                        and prev != owner
+                        and prev not in asked
+                        and cluster.state(vid, prev, f).partial
+                        and self._closed(prev, now)
+                    ):
+                        ask = prev
                 if ask is not None:
                     asked.add(ask)
                     got = await self._from_peer(target, chunk, ask, want)
