@@ -6,10 +6,12 @@
 
 What is real, what is simulated, what is sampled:
 
-* Placement is real: every owner table is ``mows.cluster._placement.owner_table`` over the
+* Placement is real: every owner table is ``mows.cluster._placement.table_for`` over the
   version's members (the live nodes filling files of it: idle holders of whole files are not
   members), timed; it is computed again when the members change (a killed node's lease
-  expires, ``lease_ttl`` after the kill; a node's fills all end).
+  expires, ``lease_ttl`` after the kill; a node's fills all end): members only leave once
+  the loads start, so each later table is the first one shrunk (``shrunk_table``: a chunk
+  stays with a member that stays).
 * The fetch-scheduling policy is the daemon's, re-enacted chunk by chunk in simulated time
   (one event loop, heapq): ``ChunkFetcher._from_peers`` as it is (``Sim`` has it turn by
   turn) - a whole-file holder (least in flight, random ties), else the node whose watch
@@ -109,7 +111,7 @@ from _common import table, write_json  # noqa: E402
 from mows._config import DaemonConfig  # noqa: E402
 from mows._crc import combine_chunks  # noqa: E402
 from mows.cluster import Cluster  # noqa: E402
-from mows.cluster._placement import owner_table  # noqa: E402
+from mows.cluster._placement import Base, is_subset, table_for  # noqa: E402
 from mows.daemon._fetcher import (  # noqa: E402
     BREAKER_BASE,
     BREAKER_MAX,
@@ -470,6 +472,8 @@ class Sim:
         self.prev_owner: dict[int, int] = {}
         self.first_table: list[str] = []
         self.members: list[str] = []
+        self.since: list[tuple[str, float]] | None = None  # Cluster._since
+        self.base: Base | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
     def push(self, t: float, kind: int, a: int = 0, b: int = 0) -> None:
@@ -477,15 +481,19 @@ class Sim:
         heapq.heappush(self.heap, (t, self.seq, kind, a, b))
 
     def compute_table(self, now: float) -> None:
-        """The version's owner table, by the real ``owner_table``, over its members (the live
+        """The version's owner table, by the real ``table_for``, over its members (the live
         nodes whose record says they fill files of it; idle whole-file holders are not):
-        what every node computes, timed."""
+        what every node computes, timed. Members only leave once the loads start: the
+        table is the first one's, shrunk (``shrunk_table``)."""
         self.members = [
             self.names[i] for i in range(self.total) if self.inview[i] and self.loading[i]
         ]
         self.table_dirty, self.table_at, self.table_due = False, now, INF
         started = time.perf_counter()
-        names = owner_table(self.m.vid, self.C, [(n, 1.0) for n in self.members])
+        members = [(n, 1.0) for n in self.members]
+        if self.since is None or not is_subset(members, self.since):
+            self.since = members
+        names, self.base = table_for(self.m.vid, self.C, members, self.since, self.base)
         self.table_seconds.append(time.perf_counter() - started)
         index = self.index
         self.table = [index[n] for n in names]

@@ -13,7 +13,7 @@ from mows import ProtocolError
 from mows.cluster import Cluster, owner
 from mows.cluster._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
 from mows.cluster._directory import _Held
-from mows.cluster._placement import owner_table
+from mows.cluster._placement import owner_table, shrunk_table, table_for
 from tests.daemons import make_manifest
 
 KEYS = [f"model/{i}" for i in range(6000)]
@@ -160,6 +160,40 @@ def test_table_join_and_leave_move_few() -> None:
     assert _moved(many, [*many, ("new", 1.0)], 11000) <= 3 * 11000 / 101
 
 
+@pytest.mark.parametrize(("nodes", "chunks"), [(8, 257), (200, 2200)])
+def test_a_table_that_only_loses_members_moves_only_their_chunks(nodes: int, chunks: int) -> None:
+    """Bounded loads cascade: 5% of 1,000 members leaving moved ~1,000 chunks between
+    members that stayed (a member that read a chunk then lost it read another: 14 where
+    the mean read 11). Shrunk, a chunk stays with a member that stays, and the leavers'
+    go where there is room, the busiest under its old cap or its new share."""
+    before = [(f"n{i}", 1.0) for i in range(nodes)]
+    gone = {f"n{i}" for i in range(0, nodes, 20 if nodes > 8 else 4)}
+    after = [m for m in before if m[0] not in gone]
+    base = owner_table("v", chunks, before)
+    table = shrunk_table("v", base, after)
+    assert len(table) == chunks and not gone & set(table)
+    assert all(new == old for old, new in zip(base, table, strict=True) if old not in gone)
+    old_cap = math.ceil(1.05 * chunks / nodes)
+    assert max(collections.Counter(table).values()) <= max(old_cap, -(-chunks // len(after)))
+    assert table == shrunk_table("v", base, list(reversed(after)))  # any order of members
+    fresh = owner_table("v", chunks, after)  # what a table computed whole would move
+    assert sum(a != b and a not in gone for a, b in zip(base, fresh, strict=True)) > 0
+    # table_for: the base is computed once for ``since`` and shrunk from, whoever asks
+    got, kept = table_for("v", chunks, after, before, None)
+    assert got == table and kept == (base, tuple(sorted(before)))
+    assert table_for("v", chunks, after, before, kept)[0] == table
+    assert table_for("v", chunks, before, before, kept)[0] is kept[0]
+    assert shrunk_table("v", base, before) == base  # nobody left: nothing moves
+
+
+def test_shrunk_table_edges() -> None:
+    base = owner_table("v", 40, [("a", 1.0), ("b", 1.0), ("c", 2.0)])
+    assert shrunk_table("v", base, [("a", 1.0)]) == ["a"] * 40
+    assert shrunk_table("v", base, []) == [] and shrunk_table("v", [], [("a", 1.0)]) == []
+    two = collections.Counter(shrunk_table("v", base, [("a", 1.0), ("c", 2.0)]))
+    assert two["c"] >= 2 * two["a"] - 2  # weights still count
+
+
 def test_table_edges() -> None:
     assert owner_table("v", 10, []) == [] and owner_table("v", 0, [("a", 1.0)]) == []
     assert owner_table("v", 5, [("a", 1.0)]) == ["a"] * 5
@@ -227,3 +261,53 @@ def test_owners_are_computed_again_only_when_members_change() -> None:
     publish("p2", set(), 3)  # a new member
     assert "p2" in {cl.chunk_owner("fp", i) for i in range(8)}
     assert cl.models["fp"].table is not table
+
+
+def test_members_leaving_shrink_the_table_one_coming_computes_it_whole() -> None:
+    """Joins and leaves come as etcd events, in the same order at every node: a node that
+    looked at every step and one that looked only at the end have the same table."""
+    from mows.cluster import Holding, NodeInfo
+    from mows.cluster._directory import _enc
+
+    def publish(cl: Cluster, node: str, rev: int, *, deleted: bool = False) -> None:
+        empty = encode_bitmap([], 257)
+        rec = Holding(node, 257, empty, empty, encode_bitmap([0], 257))
+        key = cl.prefix + f"holdings/fp/{node}".encode()
+        cl._apply(key, b"" if deleted else _enc.encode(rec), rev, deleted=deleted)
+
+    def new_cluster() -> Cluster:
+        cl = _cluster_with_peers(0, 257)
+        for i in range(7):
+            cl.nodes[f"p{i}"] = NodeInfo(f"p{i}", "127.0.0.1:2", 100)
+            publish(cl, f"p{i}", i + 1)
+        return cl
+
+    def table(cl: Cluster) -> list[str]:
+        return [cl.chunk_owner("fp", i) for i in range(257)]
+
+    eager, lazy = new_cluster(), new_cluster()
+    everyone = [("me", 100.0), *((f"p{i}", 100.0) for i in range(7))]
+    base = owner_table("fp", 257, everyone)
+    assert table(eager) == base
+    publish(eager, "p0", 10, deleted=True)  # p0's fills end
+    publish(lazy, "p0", 10, deleted=True)
+    assert table(eager) == shrunk_table("fp", base, everyone[2:] + everyone[:1])
+    for cl in (eager, lazy):
+        cl._apply(cl.prefix + b"nodes/p1", b"", 11, deleted=True)  # p1's lease ends
+    stayed = [m for m in everyone if m[0] not in ("p0", "p1")]
+    assert table(eager) == table(lazy) == shrunk_table("fp", base, stayed)
+    assert all(b == a for a, b in zip(base, table(eager), strict=True) if a not in ("p0", "p1"))
+    # A member comes: computed whole over the members now
+    for cl in (eager, lazy):
+        cl.nodes["p9"] = NodeInfo("p9", "127.0.0.1:3", 100)
+        publish(cl, "p9", 12)
+    now = [*stayed, ("p9", 100.0)]
+    assert table(eager) == table(lazy) == owner_table("fp", 257, now)
+    # We come (our own record back from the watch): the others compute it whole then too
+    publish(eager, "p2", 13, deleted=True)
+    shrunk = table(eager)
+    assert shrunk == shrunk_table("fp", owner_table("fp", 257, now), now[:1] + now[2:])
+    empty = encode_bitmap([], 257)
+    own = Holding("me", 257, empty, empty, encode_bitmap([0], 257))
+    eager._apply(eager.prefix + b"holdings/fp/me", _enc.encode(own), 14, deleted=False)
+    assert table(eager) == owner_table("fp", 257, now[:1] + now[2:])

@@ -26,7 +26,10 @@ stored: each version has a table of its chunks' owners among its members (the li
 loading it, which read the origin, or holding parts of it: a share prefetch fetched the
 chunks it owned, and is asked for them first), loads bounded (``owner_table``), computed again
 only when the members or their capacities change, in a worker thread when it is large
-(``owners_ready``).
+(``owners_ready``). When members only leave, the table is the one computed when the last
+member came, shrunk (``shrunk_table``): a chunk stays with a member that stays, which may have
+read it already. Joins and leaves are etcd events, seen in the same order by every node (a
+node's own join when its own record comes back), so every node shrinks from the same table.
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
@@ -69,7 +72,7 @@ from .._errors import ConfigError, ProtocolError
 from ..manifest import Manifest, chunk_count
 from ._bitmap import decode_bitmap, decode_crcs, encode_bitmap, encode_crcs
 from ._etcd import EtcdSecurity, KeyValue, get_prefix_paged, open_client, parse_endpoint
-from ._placement import owner, owner_table, table_cost
+from ._placement import Base, is_subset, owner, owner_table, table_cost, table_for
 
 __all__ = ["ChunkCrcs", "Cluster", "Holding", "NodeInfo", "PeerState"]
 
@@ -169,7 +172,7 @@ class _Held(msgspec.Struct, frozen=True):
 _Others = dict[str, _Held]
 _Stash = dict[str, dict[str, tuple[int, bytes]]]  # version -> node -> (revision, raw holding)
 _Members = tuple[tuple[str, float], ...]  # (node, placement weight), sorted
-_Tables = tuple[list[str], dict[int, str] | None]  # Cluster._tables: owners, previous owners
+_Tables = tuple[list[str], dict[int, str] | None, Base]  # Cluster._tables' answer
 
 
 class _Model:
@@ -194,8 +197,14 @@ class _Model:
         # checked (Cluster._stamp): while it matches, the table is current without a look.
         self.table: list[str] = []
         self.members: _Members | None = None
+        # The members when the last one came (each join sets it, in etcd's order: every
+        # node sees the same), and its table: the owner table shrinks from it as members
+        # leave, so a chunk stays with a member that stays (``shrunk_table``).
+        self.since: _Members | None = None
+        self.base: Base | None = None
+        self.own_member = False  # our own record, as the watch last brought it back
         self.stamp: tuple[int, int, int] | None = None
-        self.computing: tuple[_Members, asyncio.Future[_Tables]] | None = None
+        self.computing: tuple[tuple[_Members, _Members], asyncio.Future[_Tables]] | None = None
         self.previous: dict[int, str] = {}  # chunk -> its owner before the table last moved it
         # Set once the records published before we joined are read (``records_read``).
         self.read = asyncio.Event()
@@ -668,6 +677,10 @@ class Cluster:
             new = self.nodes.get(node)
             if (old is None) != (new is None) or (old and new and old.capacity != new.capacity):
                 self._gen += 1  # owners may have changed
+                for m in self.models.values():
+                    held = m.others.get(node)
+                    if old is None and new is not None and held is not None and held.member:
+                        self._member_came(m)
 
     def _apply_node_record(self, node: str, value: bytes, deleted: bool) -> None:
         if deleted:
@@ -695,6 +708,12 @@ class Cluster:
         if node == self.node_id:
             if deleted and self._written.pop(vid, None) is not None:
                 self._dirty.add(vid)  # deleted behind our back: write it again
+            own = self.models.get(vid)
+            if own is not None:
+                member = not deleted and self._decode_holding(own, node, value).member
+                if member and not own.own_member:
+                    self._member_came(own)  # we came, for the others: at this revision
+                own.own_member = member
             return
         if deleted and node in self._lingering:
             return  # its lease expired in an outage: see _linger
@@ -713,6 +732,8 @@ class Cluster:
             now = m.others.get(node)
             if bool(prev and prev.member) != bool(now and now.member):
                 m.gen += 1  # a member came or went: its owners may have changed
+                if now and now.member and node in self.nodes:
+                    self._member_came(m)
 
     @staticmethod
     def _decode_holding(m: _Model, node: str, value: bytes) -> _Held:
@@ -944,24 +965,41 @@ class Cluster:
         if m.stamp != stamp:
             members = self._members(m)
             if members != m.members:
-                self._set_table(vid, m, *self._tables(vid, m, members), members)
+                since = self._since(m, members)
+                self._set_table(vid, m, *self._tables(vid, m, members, since, m.base), members)
             m.stamp = stamp
         return m.table[index] if m.table else self.node_id
 
-    def _tables(self, vid: str, m: _Model, members: _Members) -> _Tables:
-        """The owner table for ``members`` and, the first time (we had none: we are
-        joining a load others started), the owners the chunks now ours had without us."""
-        table = owner_table(vid, m.chunks, members)
+    def _tables(
+        self, vid: str, m: _Model, members: _Members, since: _Members, base: Base | None
+    ) -> _Tables:
+        """The owner table for ``members`` (shrunk from ``since``'s: ``table_for``), its
+        base and, the first time (we had none: we are joining a load others started), the
+        owners the chunks now ours had without us."""
+        table, base = table_for(vid, m.chunks, members, since, base)
         if m.table:
-            return table, None
+            return table, None, base
         others = [x for x in members if x[0] != self.node_id]
         if not others:
-            return table, {}
+            return table, {}, base
         without = owner_table(vid, m.chunks, others)
         mine = self.node_id
-        return table, {
-            i: w for i, (w, o) in enumerate(zip(without, table, strict=True)) if o == mine
-        }
+        return (
+            table,
+            {i: w for i, (w, o) in enumerate(zip(without, table, strict=True)) if o == mine},
+            base,
+        )
+
+    def _since(self, m: _Model, members: _Members) -> _Members:
+        """The members when the last one came; ``members`` themselves if one came that no
+        event told of (a capacity changed)."""
+        if m.since is None or not is_subset(members, m.since):
+            m.since = members
+        return m.since
+
+    def _member_came(self, m: _Model) -> None:
+        m.since = self._members(m)
+        m.members, m.gen = None, m.gen + 1  # computed again, even for the same members
 
     def _set_table(
         self,
@@ -969,6 +1007,7 @@ class Cluster:
         m: _Model,
         table: list[str],
         previous: dict[int, str] | None,
+        base: Base,
         members: _Members,
     ) -> None:
         old = m.table
@@ -978,7 +1017,7 @@ class Cluster:
             for i, (was, now) in enumerate(zip(old, table, strict=True)):
                 if was != now:
                     m.previous[i] = was
-        m.table, m.members = table, members
+        m.table, m.base, m.members = table, base, members
         if self.on_owners is not None and table:
             self.on_owners(vid, table)
 
@@ -1005,22 +1044,24 @@ class Cluster:
                 m.stamp = stamp
                 return waited
             if table_cost(m.chunks, len(members)) <= TABLE_INLINE:
-                self._set_table(vid, m, *self._tables(vid, m, members), members)
+                since = self._since(m, members)
+                self._set_table(vid, m, *self._tables(vid, m, members, since, m.base), members)
                 m.stamp = stamp
                 return waited
-            if m.computing is None or m.computing[0] != members:
+            since = self._since(m, members)
+            if m.computing is None or m.computing[0] != (members, since):
                 loop = asyncio.get_running_loop()
                 m.computing = (
-                    members,
-                    loop.run_in_executor(None, self._tables, vid, m, members),
+                    (members, since),
+                    loop.run_in_executor(None, self._tables, vid, m, members, since, m.base),
                 )
             job = m.computing[1]
-            table, previous = await asyncio.shield(job)
+            table, previous, base = await asyncio.shield(job)
             waited = True
             if m.computing is not None and m.computing[1] is job:
                 m.computing = None
-            if self.models.get(vid) is m and m.members != members:
-                self._set_table(vid, m, table, previous, members)
+            if self.models.get(vid) is m and m.members != members and m.since == since:
+                self._set_table(vid, m, table, previous, base, members)
                 m.stamp = None  # checked on the next turn
         return waited
 
