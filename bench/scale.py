@@ -128,6 +128,7 @@ from mows.transport._tcp import IDLE_TIMEOUT, MAX_CONNECTIONS  # noqa: E402
 INF = float("inf")
 GB = 10**9
 _DEFAULTS = DaemonConfig(max_memory=1 << 30)
+LATER_TABLES = 40  # tables after members left that the real agents' tables are checked against
 PUBLISH_INTERVAL: float = inspect.signature(Cluster.__init__).parameters["publish_interval"].default
 
 
@@ -302,6 +303,8 @@ class SimResult:
     table_seconds: list[float]  # real owner_table computations (initial, after each expiry)
     first_members: list[str]  # the owner table's members when the loads began, and the table
     first_table: list[str]
+    # the tables computed after members left (shrunk from the first), by their members
+    later_tables: dict[tuple[str, ...], list[str]]
     peak_clients: int  # most distinct clients (askers or watchers) at one server
     peak_connections: int  # most connections at one server: askers' + watches (see Sim)
     counters: dict[str, int] = field(default_factory=dict)
@@ -473,6 +476,7 @@ class Sim:
         self.first_table: list[str] = []
         self.members: list[str] = []
         self.since: list[tuple[str, float]] | None = None  # Cluster._since
+        self.later_tables: dict[tuple[str, ...], list[str]] = {}
         self.base: Base | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -494,6 +498,8 @@ class Sim:
         if self.since is None or not is_subset(members, self.since):
             self.since = members
         names, self.base = table_for(self.m.vid, self.C, members, self.since, self.base)
+        if self.first_table and len(self.later_tables) < LATER_TABLES:
+            self.later_tables[tuple(sorted(self.members))] = names
         self.table_seconds.append(time.perf_counter() - started)
         index = self.index
         self.table = [index[n] for n in names]
@@ -1201,6 +1207,7 @@ class Sim:
             table_seconds=self.table_seconds,
             first_members=self.first_members,
             first_table=self.first_table,
+            later_tables=self.later_tables,
             peak_clients=self.peak_clients,
             peak_connections=self.peak_connections,
             counters=dict(self.counters),
@@ -1610,7 +1617,7 @@ def _agent_main(
     model: Model,
     compression: float,
     ttl: int,
-    expect: tuple[list[str], list[str]],
+    expect: tuple[list[str], list[str], dict[tuple[str, ...], list[str]]],
 ) -> None:
     import asyncio
 
@@ -1655,12 +1662,13 @@ async def _agent(
     model: Model,
     compression: float,
     ttl: int,
-    expect: tuple[list[str], list[str]],
+    expect: tuple[list[str], list[str], dict[tuple[str, ...], list[str]]],
 ) -> None:
     """Real ``Cluster`` agents: each connects, registers, watches the whole prefix and makes
     its node's directory calls at their compressed times (the publish interval and NodeInfo
     timers compressed alike); ``_apply`` is timed per event. ``expect``: the simulation's
-    first members and owner table, which the agents' own tables are compared with."""
+    first members and owner table, and its later tables by their members, which the agents'
+    own tables are compared with (when their members are the same)."""
     import asyncio
     import contextlib
 
@@ -1691,6 +1699,7 @@ async def _agent(
             "rev": 0,
             "owners_s": [],
             "match": None,
+            "later": {},  # members -> the agent's table = the simulation's
         }
         apply = cl._apply
 
@@ -1739,6 +1748,10 @@ async def _agent(
         if st["match"] is None and members == expect[0]:  # the simulation's first members
             cl.chunk_owner(vid, 0)  # the table current
             st["match"] = m is not None and m.table == expect[1]
+        key = tuple(members) if members else ()
+        if key in expect[2] and key not in st["later"]:
+            cl.chunk_owner(vid, 0)
+            st["later"][key] = m is not None and m.table == expect[2][key]
 
     async def play(p: NodePlan, cl: Cluster, st: dict[str, Any]) -> None:
         for t, op, f in p.ops:
@@ -1802,6 +1815,7 @@ async def _agent(
                 "owners_ready_s": max(st["owners_s"], default=0.0),
                 "members": len(members),
                 "table_match": st["match"],
+                "later_tables": list(st["later"].values()),
                 "state": state,
                 "rejected": cl.rejected_records,
             }
@@ -1908,7 +1922,7 @@ def replay(
             crc_writer = next((p.name for p in writer_plans if p.role == "warm"), None)
             groups = [writer_plans[i :: args.writer_procs] for i in range(args.writer_procs)]
             agent_plans = [plans[n] for n in chosen]
-            expect = (sorted(r.first_members), r.first_table)
+            expect = (sorted(r.first_members), r.first_table, r.later_tables)
             per = max(1, -(-len(agent_plans) // args.agent_procs))
             agent_groups = [agent_plans[i : i + per] for i in range(0, len(agent_plans), per)]
             writers, agents = [], []
@@ -1998,6 +2012,7 @@ def replay(
     # the real agents' tables against the simulation's (same members: same owners)
     matches = [a["table_match"] for a in agent_rows if a["table_match"] is not None]
     table_match = all(matches) if matches else None
+    later = [ok for a in agent_rows for ok in a["later_tables"]]
     loader_agents = [a for a in agent_rows if a["role"] == "loader"]
     planned_agent = {p.name: len(p.writes) for p in plans if p.name in agent_puts}
     return {
@@ -2043,6 +2058,8 @@ def replay(
         "agent_loader_puts_mean": sum(a["puts"] for a in loader_agents)
         / max(1, len(loader_agents)),
         "owner_tables_match_simulation": table_match,
+        # after members left: (checked, equal), over the agents and the simulation's tables
+        "shrunk_tables_match_simulation": [len(later), sum(later)],
         "rejected_records": sum(a["rejected"] for a in agent_rows),
         "writer_lag_s_max": max((s["lag"] for s in wstats), default=0.0),
         "writer_leases_lost": sum(s["leases_lost"] for s in wstats),  # a starved writer's
@@ -2320,6 +2337,8 @@ def main() -> None:
                 f" {d['etcd_network_client_grpc_received_bytes_total'] / 1e3:.0f} kB; agents:"
                 f" {e['events_per_agent']:.0f} events each, caught up {e['agents_caught_up']},"
                 f" owner tables = simulation's {e['owner_tables_match_simulation']}"
+                f" (after members left: {e['shrunk_tables_match_simulation'][1]} of"
+                f" {e['shrunk_tables_match_simulation'][0]} checked)"
                 + (
                     f"; {e['writer_leases_lost']} writer leases lost (starved) and taken again"
                     if e["writer_leases_lost"]
