@@ -208,3 +208,75 @@ def test_a_version_joined_late_is_read_before_it_is_filled(etcd: Any) -> None:
             await a.close()
 
     asyncio.run(run())
+
+
+def test_owner_tables_shrink_alike_when_members_leave(etcd: Any) -> None:
+    """Four real Clusters on one etcd load a version; one's fills end and another's lease
+    is revoked. Every node that stays computes the same table, shrunk from the first: a
+    chunk of a member that stays stays with it. One looking up owners only at the end gets
+    the same table as one that looked at every step; a member coming computes it whole."""
+    import asyncio
+
+    from mows.cluster import Cluster, NodeInfo
+    from mows.cluster._placement import owner_table, shrunk_table
+    from tests.daemons import make_manifest
+
+    manifest = make_manifest(6, chunks=50, chunk_size=64)
+    names = ["a", "b", "c", "d"]
+
+    def new(name: str, port: int) -> Cluster:
+        return Cluster(
+            [etcd.endpoint],
+            "shrink",
+            lambda: NodeInfo(name, f"127.0.0.1:{port}", 100),
+            publish_interval=0.05,
+        )
+
+    async def members_seen(cl: Cluster, want: set[str]) -> None:
+        deadline = time.monotonic() + 15
+        while cl.interested("fp") != want:
+            assert time.monotonic() < deadline, (cl.node_id, cl.interested("fp"), want)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # our own record back from the watch too
+
+    def table(cl: Cluster) -> list[str]:
+        return [cl.chunk_owner("fp", i) for i in range(300)]
+
+    async def run() -> None:
+        nodes = {n: new(n, 2 + i) for i, n in enumerate(names)}
+        try:
+            for cl in nodes.values():
+                cl.start()
+                assert await cl.wait_healthy(10)
+                cl.join("fp", manifest)
+                cl.begin_loading("fp", list(range(6)))
+            for cl in nodes.values():
+                await members_seen(cl, set(names))
+            everyone = [(n, 100.0) for n in names]
+            base = owner_table("fp", 300, everyone)
+            assert table(nodes["a"]) == table(nodes["b"]) == base
+            nodes["d"].end_loading("fp", list(range(6)))  # its fills end: not a member
+            for n in "ab":
+                await members_seen(nodes[n], {"a", "b", "c"})
+            assert table(nodes["a"]) == shrunk_table("fp", base, everyone[:3])
+            await nodes.pop("c").close()  # its lease revoked: its records go
+            for n in "ab":
+                await members_seen(nodes[n], {"a", "b"})
+            want = shrunk_table("fp", base, everyone[:2])
+            assert table(nodes["a"]) == want  # a looked at every step, b only now
+            assert table(nodes["b"]) == want
+            assert all(o == w for o, w in zip(base, want, strict=True) if o in "ab")
+            nodes["e"] = e = new("e", 9)
+            e.start()
+            assert await e.wait_healthy(10)
+            e.join("fp", manifest)
+            e.begin_loading("fp", [0])
+            for n in "abe":
+                await members_seen(nodes[n], {"a", "b", "e"})
+            whole = owner_table("fp", 300, [("a", 100.0), ("b", 100.0), ("e", 100.0)])
+            assert table(nodes["a"]) == table(nodes["b"]) == table(e) == whole
+        finally:
+            for cl in nodes.values():
+                await cl.close()
+
+    asyncio.run(run())

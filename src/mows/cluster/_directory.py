@@ -677,10 +677,11 @@ class Cluster:
             new = self.nodes.get(node)
             if (old is None) != (new is None) or (old and new and old.capacity != new.capacity):
                 self._gen += 1  # owners may have changed
-                for m in self.models.values():
-                    held = m.others.get(node)
-                    if old is None and new is not None and held is not None and held.member:
-                        self._member_came(m)
+                if new is not None:  # it came back, or its weight changed: as if it came
+                    for m in self.models.values():
+                        held = m.others.get(node)
+                        if node == self.node_id or (held is not None and held.member):
+                            self._member_came(m)
 
     def _apply_node_record(self, node: str, value: bytes, deleted: bool) -> None:
         if deleted:
