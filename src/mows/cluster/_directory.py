@@ -306,6 +306,8 @@ class Cluster:
         # node now owns but got from a peer must be announced to the peers that wait on it.
         self.on_owners: Callable[[str, list[str]], None] | None = None
         self._gen = 0  # bumped when a node comes, goes or changes capacity, or the view is replaced
+        self._replaying = False  # _load_snapshot is applying a whole view
+        self._came: set[_Model] = set()  # versions we joined in the view it applies
         self._unread: set[str] = set()  # joined versions whose records are still to be read
         self._wake_reader = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -453,6 +455,7 @@ class Cluster:
             records += (await self._read(f"holdings/{vid}/"))[0]
             records += (await self._read(f"manifests/{vid}/"))[0]
         others = {vid: m.others for vid, m in self.models.items()}
+        since = {vid: m.since for vid, m in self.models.items()}
         last = ({**self._lingering, **self.nodes}, others, self._stash)
         self.nodes.clear()
         for m in self.models.values():
@@ -460,8 +463,21 @@ class Cluster:
             m.revs.clear()
         # What the watch stashed is not replayed across the gap: it may be stale.
         self._stash, self._stash_bytes = {}, 0
-        for kv in [*nodes, *records]:
-            self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+        self._replaying = True  # members re-read are not members coming: see below
+        self._came.clear()
+        try:
+            for kv in [*nodes, *records]:
+                self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+        finally:
+            self._replaying = False
+        for vid, m in self.models.items():
+            # If none came while we were away (only some left), the others still shrink
+            # their tables from the same base: so do we. Else the members now are the best
+            # guess (the others reset at a join we missed, perhaps before some left).
+            members, old = self._members(m), since.get(vid)
+            kept = old is not None and m not in self._came and is_subset(members, old)
+            m.since = old if kept else members
+            m.members, m.gen = None, m.gen + 1
         if self.degraded:
             self._linger(*last)
         for vid in vids:
@@ -713,7 +729,7 @@ class Cluster:
             if own is not None:
                 member = not deleted and self._decode_holding(own, node, value).member
                 if member and not own.own_member:
-                    self._member_came(own)  # we came, for the others: at this revision
+                    self._member_came(own, own=True)  # we came, for the others: now
                 own.own_member = member
             return
         if deleted and node in self._lingering:
@@ -998,7 +1014,10 @@ class Cluster:
             m.since = members
         return m.since
 
-    def _member_came(self, m: _Model) -> None:
+    def _member_came(self, m: _Model, *, own: bool = False) -> None:
+        if self._replaying:  # _load_snapshot decides once the view is whole
+            self._came.update([m] if own else [])  # our own join: the others saw it
+            return
         m.since = self._members(m)
         m.members, m.gen = None, m.gen + 1  # computed again, even for the same members
 
