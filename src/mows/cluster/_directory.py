@@ -29,7 +29,8 @@ only when the members or their capacities change, in a worker thread when it is 
 (``owners_ready``). When members only leave, the table is the one computed when the last
 member came, shrunk (``shrunk_table``): a chunk stays with a member that stays, which may have
 read it already. Joins and leaves are etcd events, seen in the same order by every node (a
-node's own join when its own record comes back), so every node shrinks from the same table.
+node's own join when its own record comes back), so every node shrinks from the same table;
+a view read again keeps its base unless a member came meanwhile.
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
