@@ -4,6 +4,7 @@ the origin."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -210,6 +211,35 @@ def test_a_version_joined_late_is_read_before_it_is_filled(etcd: Any) -> None:
     asyncio.run(run())
 
 
+def _table_cluster(etcd: Any, cluster: str, name: str, port: int, **kw: Any) -> Any:
+    """A real ``Cluster`` on ``etcd`` publishing fast, for the owner-table tests."""
+    from mows.cluster import Cluster, NodeInfo
+
+    return Cluster(
+        [etcd.endpoint],
+        cluster,
+        lambda: NodeInfo(name, f"127.0.0.1:{port}", 100),
+        publish_interval=0.05,
+        **kw,
+    )
+
+
+async def _members_seen(cl: Any, want: set[str]) -> None:
+    """Until ``cl`` sees exactly ``want`` as the members of version "fp", and a little more
+    (its own record back from the watch too)."""
+    import asyncio
+
+    deadline = time.monotonic() + 15
+    while cl.interested("fp") != want:
+        assert time.monotonic() < deadline, (cl.node_id, cl.interested("fp"), want)
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+
+
+def _owners(cl: Any) -> list[str]:
+    return [cl.chunk_owner("fp", i) for i in range(300)]
+
+
 def test_owner_tables_shrink_alike_when_members_leave(etcd: Any) -> None:
     """Four real Clusters on one etcd load a version; one's fills end and another's lease
     is revoked. Every node that stays computes the same table, shrunk from the first: a
@@ -218,30 +248,16 @@ def test_owner_tables_shrink_alike_when_members_leave(etcd: Any) -> None:
     member coming computes it whole."""
     import asyncio
 
-    from mows.cluster import Cluster, NodeInfo
     from mows.cluster._placement import owner_table, shrunk_table
     from tests.daemons import make_manifest
 
     manifest = make_manifest(6, chunks=50, chunk_size=64)
     names = ["a", "b", "c", "d"]
 
-    def new(name: str, port: int) -> Cluster:
-        return Cluster(
-            [etcd.endpoint],
-            "shrink",
-            lambda: NodeInfo(name, f"127.0.0.1:{port}", 100),
-            publish_interval=0.05,
-        )
+    def new(name: str, port: int) -> Any:
+        return _table_cluster(etcd, "shrink", name, port)
 
-    async def members_seen(cl: Cluster, want: set[str]) -> None:
-        deadline = time.monotonic() + 15
-        while cl.interested("fp") != want:
-            assert time.monotonic() < deadline, (cl.node_id, cl.interested("fp"), want)
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)  # our own record back from the watch too
-
-    def table(cl: Cluster) -> list[str]:
-        return [cl.chunk_owner("fp", i) for i in range(300)]
+    members_seen, table = _members_seen, _owners
 
     async def run() -> None:
         nodes = {n: new(n, 2 + i) for i, n in enumerate(names)}
@@ -278,6 +294,75 @@ def test_owner_tables_shrink_alike_when_members_leave(etcd: Any) -> None:
                 await members_seen(nodes[n], {"a", "b", "e"})
             whole = owner_table("fp", 300, [("a", 100.0), ("b", 100.0), ("e", 100.0)])
             assert table(nodes["a"]) == table(nodes["b"]) == table(e) == whole
+        finally:
+            for cl in nodes.values():
+                await cl.close()
+
+    asyncio.run(run())
+
+
+def test_a_node_back_under_its_old_id_is_a_member_coming_for_all(etcd: Any) -> None:
+    """A node killed and started again within its lease's TTL writes over its old records:
+    the others would see no member come while it has no view of when one last came. Its
+    first write makes it come for all (its old record deleted first): every node computes
+    the table whole. The same when a node leaves a version and comes back within a publish
+    tick (nothing was written in between)."""
+    import asyncio
+
+    from mows.cluster._placement import owner_table
+    from tests.daemons import make_manifest
+
+    manifest = make_manifest(6, chunks=50, chunk_size=64)
+
+    def new(name: str, port: int) -> Any:
+        return _table_cluster(etcd, "back", name, port, ttl=60)
+
+    members_seen, table = _members_seen, _owners
+
+    async def load(cl: Any) -> None:
+        cl.start()
+        assert await cl.wait_healthy(10)
+        cl.join("fp", manifest)
+        cl.begin_loading("fp", list(range(6)))
+
+    async def run() -> None:
+        nodes = {n: new(n, 2 + i) for i, n in enumerate("abcd")}
+        try:
+            for cl in nodes.values():
+                await load(cl)
+            for cl in nodes.values():
+                await members_seen(cl, set("abcd"))
+                table(cl)
+            nodes["d"].end_loading("fp", list(range(6)))  # a member leaves: tables shrink
+            for n in "abc":
+                await members_seen(nodes[n], set("abc"))
+                table(nodes[n])
+            old = nodes.pop("c")  # killed: its lease (60 s) and records outlive it
+            assert old._task is not None
+            old._task.cancel()
+            with contextlib.suppress(BaseException):
+                await old._task
+            await old._drop_client()
+            await load(c := nodes.setdefault("c", new("c", 4)))  # back, same id
+            await asyncio.sleep(1.0)
+            for n in "abc":
+                await members_seen(nodes[n], set("abc"))
+            whole = owner_table("fp", 300, [(n, 100.0) for n in "abc"])
+            assert table(nodes["a"]) == table(nodes["b"]) == table(c) == whole
+            nodes["b"].end_loading("fp", list(range(6)))  # another leaves: they shrink
+            for n in "ac":
+                await members_seen(nodes[n], set("ac"))
+            assert table(nodes["a"]) == table(c)
+            a = nodes["a"]
+            a.end_loading("fp", list(range(6)))
+            a.leave("fp")  # and back within a publish tick
+            a.join("fp", manifest)
+            a.begin_loading("fp", list(range(6)))
+            await asyncio.sleep(1.0)
+            for n in "ac":
+                await members_seen(nodes[n], set("ac"))
+            pair = owner_table("fp", 300, [(n, 100.0) for n in "ac"])
+            assert table(a) == table(c) == pair
         finally:
             for cl in nodes.values():
                 await cl.close()

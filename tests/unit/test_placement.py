@@ -309,5 +309,6 @@ def test_members_leaving_shrink_the_table_one_coming_computes_it_whole() -> None
     assert shrunk == shrunk_table("fp", owner_table("fp", 257, now), now[:1] + now[2:])
     empty = encode_bitmap([], 257)
     own = Holding("me", 257, empty, empty, encode_bitmap([0], 257))
+    eager.models["fp"].joined_at = 14  # the revision of our write that made us a member
     eager._apply(eager.prefix + b"holdings/fp/me", _enc.encode(own), 14, deleted=False)
     assert table(eager) == owner_table("fp", 257, now[:1] + now[2:])

@@ -28,9 +28,10 @@ chunks it owned, and is asked for them first), loads bounded (``owner_table``), 
 only when the members or their capacities change, in a worker thread when it is large
 (``owners_ready``). When members only leave, the table is the one computed when the last
 member came, shrunk (``shrunk_table``): a chunk stays with a member that stays, which may have
-read it already. Joins and leaves are etcd events, seen in the same order by every node (a
-node's own join when its own record comes back), so every node shrinks from the same table;
-a view read again keeps its base unless a member came meanwhile.
+read it already. Joins and leaves are etcd events, seen in the same order by every node (our
+own join is the write that made us a member, when the watch brings it back: _put_holding), so
+every node shrinks from the same table; a view read again keeps its base unless a member came
+meanwhile.
 
 What is written, and when: NodeInfo when it changes (address or capacity at once; ``used``
 and the byte counters, which only status shows, once they settle or at most every
@@ -202,8 +203,11 @@ class _Model:
         # node sees the same), and its table: the owner table shrinks from it as members
         # leave, so a chunk stays with a member that stays (``shrunk_table``).
         self.since: _Members | None = None
+        self.since_pending = False  # a member came: ``since`` is the members before one leaves
         self.base: Base | None = None
-        self.own_member = False  # our own record, as the watch last brought it back
+        self.joined_at = 0  # the revision of our write that made us a member, for all to see
+        self.written = False  # a holding of ours was written for this model (this object)
+        self.own_rev = 0  # the newest revision of our holding the watch brought back
         self.stamp: tuple[int, int, int] | None = None
         self.computing: tuple[tuple[_Members, _Members], asyncio.Future[_Tables]] | None = None
         self.previous: dict[int, str] = {}  # chunk -> its owner before the table last moved it
@@ -427,6 +431,8 @@ class Cluster:
         )
         self._drop_timer = None
         self.degraded = False
+        for m in self.models.values():
+            self._settle(m)
         self.nodes.clear()
         self._lingering.clear()
         for m in self.models.values():
@@ -456,6 +462,8 @@ class Cluster:
             records += (await self._read(f"holdings/{vid}/"))[0]
             records += (await self._read(f"manifests/{vid}/"))[0]
         others = {vid: m.others for vid, m in self.models.items()}
+        for m in self.models.values():
+            self._settle(m)
         since = {vid: m.since for vid, m in self.models.items()}
         last = ({**self._lingering, **self.nodes}, others, self._stash)
         self.nodes.clear()
@@ -477,7 +485,7 @@ class Cluster:
             # guess (the others reset at a join we missed, perhaps before some left).
             members, old = self._members(m), since.get(vid)
             kept = old is not None and m not in self._came and is_subset(members, old)
-            m.since = old if kept else members
+            m.since, m.since_pending = (old if kept else members), False
             m.members, m.gen = None, m.gen + 1
         if self.degraded:
             self._linger(*last)
@@ -607,10 +615,16 @@ class Cluster:
             except BaseException:
                 self._leaving.add(vid)
                 raise
+        unread: set[str] = set()
         while self._dirty:
             vid = self._dirty.pop()
             m = self.models.get(vid)
             if m is None:
+                continue
+            if not m.read.is_set():
+                # Not before we know its members: our coming is an event every node applies
+                # in etcd's order (``_member_came``), and ours must see what theirs do.
+                unread.add(vid)
                 continue
             if m.empty:  # neither holding nor loading it: no record (not a member)
                 if self._written.pop(vid, None) is not None:
@@ -628,11 +642,12 @@ class Cluster:
             if self._written.get(vid) == blob:
                 continue  # e.g. a re-join on revalidation: etcd has it already
             try:
-                await self._put(f"holdings/{vid}/{self.node_id}", blob)
+                await self._put_holding(vid, m, blob)
             except BaseException:
                 self._dirty.add(vid)
                 raise
             self._written[vid] = blob
+        self._dirty.update(unread)
         while self._crcs_pending:
             (vid, f), crcs = self._crcs_pending.popitem()
             m = self.models.get(vid)
@@ -646,6 +661,36 @@ class Cluster:
             m.published.add(f)
         while self._sweep:
             await self._sweep_manifest(self._sweep.pop())
+
+    async def _put_holding(self, vid: str, m: _Model, blob: bytes) -> None:
+        """Write our holding; note the revision at which it made us a member (a member
+        record where etcd had none, or one that was not a member's), as every node sees it."""
+        key = self.prefix + f"holdings/{vid}/{self.node_id}".encode()
+        member = bool(m.loading or m.partial - m.complete)
+        self.puts += 1
+        reply = await self._client.put(key, blob, lease=self._lease, prev_kv=member)
+        if not member:
+            m.written = True
+            return
+        prev = reply.prev_kv.value if reply.prev_kv is not None else b""
+        was = False
+        if prev:
+            with contextlib.suppress(ProtocolError, msgspec.DecodeError):
+                was = self._decode_holding(m, self.node_id, prev).member
+        if was and not m.written:
+            # A member's record this model never wrote (a previous process's, or ours before
+            # we left and came back within a publish tick): to the others we did not come,
+            # while we have no view of the members since one last came. Come again, for all.
+            self._written.pop(vid, None)  # the delete's own event must not rewrite it
+            self.puts += 2
+            await self._client.delete(key)
+            reply = await self._client.put(key, blob, lease=self._lease)
+            was = False
+        m.written = True
+        if not was:
+            m.joined_at = reply.header.revision
+            if m.own_rev >= m.joined_at:  # the watch brought it back before the reply came
+                self._member_came(m, own=True)
 
     async def _put_crcs(self, vid: str, f: int, crcs: list[int]) -> None:
         """Write a file's CRC pages unless a page is there already (a transaction: the first
@@ -687,6 +732,10 @@ class Cluster:
         if len(parts) != 2 or not parts[1]:
             raise ProtocolError("not nodes/<node>")
         node = parts[1]
+        for m in self.models.values():
+            held = m.others.get(node)
+            if held is not None and held.member:
+                self._settle(m)  # it may leave: ``since`` is the members before
         old = self.nodes.pop(node, None)  # deleted, or replaced: a bad record withdraws the old one
         try:
             self._apply_node_record(node, value, deleted)
@@ -727,11 +776,10 @@ class Cluster:
             if deleted and self._written.pop(vid, None) is not None:
                 self._dirty.add(vid)  # deleted behind our back: write it again
             own = self.models.get(vid)
-            if own is not None:
-                member = not deleted and self._decode_holding(own, node, value).member
-                if member and not own.own_member:
+            if own is not None and not deleted:
+                if revision == own.joined_at and own.own_rev < revision:  # once: not re-reads
                     self._member_came(own, own=True)  # we came, for the others: now
-                own.own_member = member
+                own.own_rev = max(own.own_rev, revision)
             return
         if deleted and node in self._lingering:
             return  # its lease expired in an outage: see _linger
@@ -742,6 +790,9 @@ class Cluster:
         if revision < m.revs.get(node, 0):
             return  # older than what we applied: a re-read that raced the watch
         m.revs[node] = revision
+        held = m.others.get(node)
+        if held is not None and held.member:
+            self._settle(m)  # it may leave: ``since`` is the members before
         prev = m.others.pop(node, None)
         try:
             if not deleted:
@@ -827,6 +878,9 @@ class Cluster:
         if existing is not None:
             return
         m = self.models[vid] = _Model(manifest)
+        # Written by this model, whatever etcd holds of ours (we may have left and come back
+        # within a publish tick): see _put_holding.
+        self._written.pop(vid, None)
         if len(m.sizes) > MAX_FILES:
             raise ConfigError(f"{len(m.sizes)} files: a version has at most {MAX_FILES}")
         # Records are decoded only for joined versions: those the watch brought are known now
@@ -1011,16 +1065,23 @@ class Cluster:
     def _since(self, m: _Model, members: _Members) -> _Members:
         """The members when the last one came; ``members`` themselves if one came that no
         event told of (a capacity changed)."""
+        self._settle(m)
         if m.since is None or not is_subset(members, m.since):
             m.since = members
         return m.since
 
     def _member_came(self, m: _Model, *, own: bool = False) -> None:
+        """A member came: ``since`` becomes the members as they are until one leaves (set
+        then, or at the next table: O(members) once, not at every join)."""
         if self._replaying:  # _load_snapshot decides once the view is whole
             self._came.update([m] if own else [])  # our own join: the others saw it
             return
-        m.since = self._members(m)
+        m.since_pending = True
         m.members, m.gen = None, m.gen + 1  # computed again, even for the same members
+
+    def _settle(self, m: _Model) -> None:
+        if m.since_pending:
+            m.since, m.since_pending = self._members(m), False
 
     def _set_table(
         self,
