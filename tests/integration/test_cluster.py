@@ -443,6 +443,28 @@ def test_a_chunk_that_changed_owner_is_asked_of_its_previous_owner(
     generate_crc32(model)
     size = sum(p.stat().st_size for p in model.iterdir() if p.name != "crc32.txt")
     files = {f"/m/{p.name}": p.read_bytes() for p in model.iterdir()}
+    # Before: every moved chunk A had read, or had queued for the origin, left it again
+    # (1.19x-1.44x here); now only those in flight at A when the owners changed (at most its
+    # 4 streams' chunks, 4 MiB). Where A's reads are when B comes is timing: in about one run
+    # in 20 (more on a loaded VM) the bound is missed by a few MiB, so the scenario runs
+    # again, on new daemons, once; the old behaviour misses it every time.
+    runs = []
+    for _ in range(2):
+        runs.append(_b_joins_half_way(daemon_factory, etcd, model, files, size))
+        origin, witness, from_peers = runs[-1]
+        if origin <= size + (5 << 20) and size <= witness <= size + (5 << 20):
+            break
+    assert origin <= size + (5 << 20), (runs, size)
+    assert size <= witness <= size + (5 << 20), (runs, size)
+    assert from_peers >= size * 0.5
+
+
+def _b_joins_half_way(
+    daemon_factory: Any, etcd: Any, model: Path, files: dict[str, bytes], size: int
+) -> tuple[int, int, int]:
+    """A loads from a throttled origin; B loads once A has half. The origin bytes by the
+    daemons' counters and by the origin's own count, and B's bytes from peers; the
+    daemons are stopped after."""
     with http_site(files, {}, rate=4 << 20) as (base, _, sent):  # ~16 MiB/s over 4 streams
         url = f"{base}/m"
         a, b = start_nodes(daemon_factory, etcd, base, 2, "--chunk-size", "1")
@@ -469,9 +491,6 @@ def test_a_chunk_that_changed_owner_is_asked_of_its_previous_owner(
         # reads it).
         witness = sum(n for path, n in sent.items() if not path.endswith("/crc32.txt"))
     origin = a.status()["bytes_from_origin"] + b.status()["bytes_from_origin"]
-    # Before: every moved chunk A had read, or had queued for the origin, left it again
-    # (1.25x here); now only those in flight at A when the owners changed (at most its 4
-    # streams' chunks, 4 MiB).
-    assert origin <= size + (4 << 20) + (1 << 20), (origin, size)
-    assert size <= witness <= size + (4 << 20) + (1 << 20), (witness, size)
-    assert got["bytes_from_peers"] >= size * 0.5
+    for d in (a, b):
+        d.stop()
+    return origin, witness, got["bytes_from_peers"]

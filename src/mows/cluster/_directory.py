@@ -315,6 +315,8 @@ class Cluster:
         self._came: set[_Model] = set()  # versions we joined in the view it applies
         self._unread: set[str] = set()  # joined versions whose records are still to be read
         self._wake_reader = asyncio.Event()
+        self._wake_publisher = asyncio.Event()
+        self._published = asyncio.Event()  # set (and replaced) after each publishing pass
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
         self._lease: int | None = None  # lease id, kept across reconnects while etcd has it
@@ -579,8 +581,12 @@ class Cluster:
     async def _publisher(self) -> None:
         next_info = 0.0
         while True:
-            await asyncio.sleep(self.publish_interval)
+            with contextlib.suppress(TimeoutError):  # a tick, or woken (records_read)
+                await asyncio.wait_for(self._wake_publisher.wait(), self.publish_interval)
+            self._wake_publisher.clear()
             await self._publish_dirty()
+            self._published.set()
+            self._published = asyncio.Event()
             if time.monotonic() >= next_info:
                 next_info = time.monotonic() + INFO_CHECK
                 await self._publish_info()
@@ -990,14 +996,23 @@ class Cluster:
 
     async def records_read(self, vid: str, timeout: float) -> None:
         """Wait, at most ``timeout`` and only while etcd is reachable, until the records of
-        ``vid`` published before we joined it are read: until then its holders and members
-        look absent, and a fill would take itself for the only member (reading the origin,
-        or waiting as on a cold cluster)."""
+        ``vid`` published before we joined it are read (until then its holders and members
+        look absent, and a fill would take itself for the only member, reading the origin or
+        waiting as on a cold cluster), and our own record is written."""
         m = self.models.get(vid)
-        if m is None or m.read.is_set() or not self.healthy:
+        if m is None or not self.healthy:
             return
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(m.read.wait(), timeout)
+            # And until our own record is written: the others must know we fill files of
+            # it before we read any of its chunks from the origin, or they read them too.
+            while vid in self._dirty or vid not in self._written:
+                self._wake_publisher.set()
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.healthy:
+                    return
+                await asyncio.wait_for(self._published.wait(), left)
 
     def anyone_holds(self, vid: str) -> bool:
         m = self.models.get(vid)
